@@ -1,0 +1,1 @@
+"""The command line: `conntrail <subcommand>`, one module per subcommand."""

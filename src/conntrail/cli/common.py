@@ -1,0 +1,61 @@
+"""Options and helpers shared by subcommands that listen to the kernel."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from conntrail.errors import ConfigError
+from conntrail.kernel.socket import BufferPolicy
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'8M', '512k', '1048576' → bytes."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
+    try:
+        value = int(raw[: len(raw) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise ConfigError(option, f"not a size: {text!r} (e.g. 8M, 512k)") from None
+    if value <= 0:
+        raise ConfigError(option, f"size must be positive: {text!r}")
+    return value
+
+
+def add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    """--netns, buffer sizing, and what we may change in the kernel."""
+    parser.add_argument("-n", "--netns", action="append", default=[], metavar="NAME",
+                        help="network namespace: a name under /run/netns or a path "
+                             "(repeat for several; default: the current one)")
+    parser.add_argument("--buffer", default="8M", metavar="SIZE",
+                        help="netlink receive buffer at start (default 8M)")
+    parser.add_argument("--buffer-max", default="128M", metavar="SIZE",
+                        help="largest size the buffer grows to after losses (default 128M)")
+    parser.add_argument("--no-rules", action="store_true",
+                        help="never install the `inet conntrail` table that activates "
+                             "conntrack in a namespace with no conntrack rule")
+    parser.add_argument("--keep-rules", action="store_true",
+                        help="leave the `inet conntrail` table in place on exit")
+    parser.add_argument("--no-accounting", action="store_true",
+                        help="do not enable nf_conntrack_acct/nf_conntrack_timestamp "
+                             "(no byte counters or kernel timestamps then)")
+
+
+def buffer_policy(args: argparse.Namespace) -> BufferPolicy:
+    """The BufferPolicy the options describe."""
+    initial = parse_size(args.buffer, "--buffer")
+    maximum = max(initial, parse_size(args.buffer_max, "--buffer-max"))
+    return BufferPolicy(initial, maximum)
+
+
+def apply_priority(nice: int | None, realtime: int | None) -> None:
+    """Raise our scheduling priority so a busy CPU does not starve the socket reader."""
+    try:
+        if realtime is not None:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
+        if nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--realtime/--nice", f"cannot set priority: {exc}") from exc

@@ -1,0 +1,191 @@
+"""`conntrail watch`: stream conntrack events to stdout, as text lines or ECS JSON."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from conntrail.api import parse_kinds
+from conntrail.cli.common import add_kernel_options, apply_priority, buffer_policy
+from conntrail.errors import ConfigError
+from conntrail.formats.fields import ALIASES, FIELDS
+from conntrail.formats.jsonl import JsonFormat
+from conntrail.formats.text import DEFAULT_TEMPLATE, TextFormat
+from conntrail.kernel.netns import resolve
+from conntrail.model import PROTO_NUMBERS, EventKind
+from conntrail.pipeline.runner import Pipeline, QueuedSink
+from conntrail.pipeline.stages import Filter, Formatter, Source
+from conntrail.session import KernelSession, SessionOptions
+from conntrail.sinks.stream import StreamSink
+from conntrail.sources.conntrack import ConntrackOptions, ConntrackSource
+
+DESCRIPTION = """\
+Stream the connections the kernel tracks, as they are created, change and end.
+
+Default line (conntrack-logger style), one per event:
+  {ts}: {family_proto} {orig} :: {event}{details}
+  2026-11-22T01:55:21.123456Z: ipv4/tcp 198.18.1.2/40000 > 198.18.2.2/80 :: new SYN_SENT
+
+In a namespace where no rule uses conntrack, the kernel tracks nothing: watch then installs
+a one-rule table `inet conntrail` and removes it on exit (--keep-rules, --no-rules).
+"""
+
+
+def _fields_epilog() -> str:
+    lines = ["template fields for --format:"]
+    lines += [f"  {{{name}}}  {desc}" for name, (_get, desc) in FIELDS.items()]
+    lines.append("  aliases: " + ", ".join(f"{{{a}}}={{{b}}}" for a, b in ALIASES.items()))
+    lines.append("--format-ts: iso (default), epoch, epoch-ms, epoch-ns, or a strftime "
+                 "pattern (UTC)")
+    lines.append("--filter: see `conntrail watch --help-filter`")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `watch` and its options."""
+    parser = subparsers.add_parser("watch", help="stream conntrack events to stdout",
+                                   description=DESCRIPTION, epilog=_fields_epilog(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-p", "--proto", action="append", default=[], metavar="PROTO",
+                        help="only these protocols (name or number; repeat or comma-separate)")
+    parser.add_argument("-e", "--events", default="new,update,destroy", metavar="KINDS",
+                        help="event kinds, comma-separated (default new,update,destroy)")
+    parser.add_argument("-f", "--filter", metavar="EXPR", help="filter expression")
+    parser.add_argument("--help-filter", action="store_true",
+                        help="describe the filter language and exit")
+    parser.add_argument("--json", action="store_true", help="one ECS JSON object per line")
+    parser.add_argument("--format", default=DEFAULT_TEMPLATE, metavar="TEMPLATE",
+                        help="text line template (fields below)")
+    parser.add_argument("--format-ts", default="iso", metavar="TS",
+                        help="how {ts} is written (below)")
+    dump = parser.add_mutually_exclusive_group()
+    dump.add_argument("--dump", action="store_true",
+                      help="first print the flows that already exist (event 'dump')")
+    dump.add_argument("--no-dump", dest="dump", action="store_false",
+                      help="do not print existing flows (default)")
+    parser.add_argument("-c", "--count", type=int, metavar="N",
+                        help="exit after N events (before filtering)")
+    parser.add_argument("--reliable", action="store_true",
+                        help="ask for reliable delivery (NETLINK_BROADCAST_ERROR)")
+    parser.add_argument("--nice", type=int, metavar="N",
+                        help="scheduling niceness, e.g. -10, so load does not starve us")
+    parser.add_argument("--realtime", type=int, metavar="PRIO",
+                        help="SCHED_FIFO priority 1-99 (strongest protection against loss)")
+    add_kernel_options(parser)
+    parser.set_defaults(run=run)
+
+
+def parse_protocols(values: list[str]) -> frozenset[int]:
+    """-p values (names or numbers, comma-separated) to protocol numbers."""
+    out = set()
+    for value in ",".join(values).split(","):
+        name = value.strip().lower()
+        if not name:
+            continue
+        if name.isdigit() and 0 <= int(name) <= 255:
+            out.add(int(name))
+        elif name in PROTO_NUMBERS:
+            out.add(PROTO_NUMBERS[name])
+        else:
+            raise ConfigError("--proto", f"unknown protocol {value!r}; known: "
+                              + ", ".join(sorted(PROTO_NUMBERS)))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """Everything `watch` will do, validated before anything touches the kernel."""
+
+    kinds: frozenset[EventKind]
+    filters: list[Filter]
+    formatter: Formatter
+    options: ConntrackOptions
+    session: SessionOptions
+
+
+def plan(args: argparse.Namespace) -> WatchPlan:
+    """Validate every option into a WatchPlan; errors name the option."""
+    kinds = parse_kinds(args.events.split(","))
+    if EventKind.DUMP in kinds:
+        raise ConfigError("--events", "use --dump to show existing flows")
+    filters: list[Filter] = []
+    protocols = parse_protocols(args.proto)
+    if protocols:
+        filters.append(lambda event: event.flow.orig.proto in protocols)
+    if args.filter:
+        from conntrail.filters.match import compile_filter
+
+        filters.append(compile_filter(args.filter))
+    formatter: Formatter = JsonFormat() if args.json else TextFormat(args.format,
+                                                                     args.format_ts)
+    options = ConntrackOptions(kinds, dump=args.dump, buffer=buffer_policy(args),
+                               reliable=args.reliable)
+    session = SessionOptions(accounting=not args.no_accounting, install_rule=not args.no_rules,
+                             keep_rule=args.keep_rules)
+    if args.count is not None and args.count <= 0:
+        raise ConfigError("--count", "must be a positive number")
+    return WatchPlan(kinds, filters, formatter, options, session)
+
+
+def _print_filter_help() -> int:
+    from conntrail.filters import match
+
+    print(match.__doc__)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `conntrail watch`."""
+    if args.help_filter:
+        return _print_filter_help()
+    watch_plan = plan(args)
+    apply_priority(args.nice, args.realtime)
+    stop = threading.Event()
+    namespaces = [resolve(name) for name in args.netns or [""]]
+    session = KernelSession(watch_plan.session)
+    sources: list[Source] = []
+    sink = QueuedSink(StreamSink("stdout", sys.stdout.buffer, watch_plan.formatter))
+    pipeline = Pipeline(sources, [sink], filters=watch_plan.filters)
+    previous = _install_signals(stop)
+    try:
+        for netns in namespaces:
+            session.prepare(netns)
+            source = ConntrackSource(netns, watch_plan.options)
+            source.start()
+            sources.append(source)
+        pipeline.run(stop, args.count)
+    finally:
+        stats = [source.stats() for source in sources]
+        pipeline.shutdown()
+        session.close()
+        _restore_signals(previous)
+    _print_summary(pipeline, stats, sink)
+    return 0
+
+
+def _install_signals(stop: threading.Event) -> dict[int, Any]:
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def _print_summary(pipeline: Pipeline, stats: list[dict[str, int]], sink: QueuedSink) -> None:
+    """One line on stderr: what we saw, what the filters kept out, what was lost and where."""
+    lost = sum(item.get("lost", 0) for item in stats)
+    enobufs = sum(item.get("enobufs", 0) for item in stats)
+    counters = pipeline.counters
+    print(f"conntrail: {counters.events} events, {counters.filtered} filtered, "
+          f"{lost} lost in kernel ({enobufs} overflows), {sink.counters.dropped} dropped "
+          f"in output", file=sys.stderr)
+

@@ -1,0 +1,1 @@
+"""Filter expressions that select flow events (see `conntrail.filters.match`)."""

@@ -1,0 +1,1 @@
+"""Formats: pure functions from a record to the bytes a sink writes."""

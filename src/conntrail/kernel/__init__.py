@@ -1,0 +1,1 @@
+"""The one kernel boundary: every syscall conntrail makes (sockets, setns, /proc, nft) is here."""

@@ -1,0 +1,238 @@
+"""The values that flow through conntrail: flows, tuples, counters and events.
+
+Everything here is a frozen, slotted dataclass or an enum citing its uapi header. Times are
+UTC epoch nanoseconds; protocol numbers stay numbers (names only at the edges).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+AF_INET = 2
+AF_INET6 = 10
+
+PROTO_NAMES: dict[int, str] = {
+    1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 58: "ipv6-icmp",
+    132: "sctp", 136: "udplite",
+}
+PROTO_NUMBERS: dict[str, int] = {name: num for num, name in PROTO_NAMES.items()}
+PROTO_NUMBERS.update({"icmpv6": 58, "icmp6": 58, "udp-lite": 136})
+FAMILY_NAMES: dict[int, str] = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+PORTED_PROTOCOLS = frozenset({6, 17, 33, 132, 136})
+ICMP_PROTOCOLS = frozenset({1, 58})
+
+
+def proto_name(proto: int) -> str:
+    """The lowercase IANA keyword for a protocol number, or the number itself as text."""
+    return PROTO_NAMES.get(proto, str(proto))
+
+
+class CtStatus(enum.IntFlag):
+    """Conntrack status bits (linux/netfilter/nf_conntrack_common.h, enum ip_conntrack_status)."""
+
+    EXPECTED = 1 << 0
+    SEEN_REPLY = 1 << 1
+    ASSURED = 1 << 2
+    CONFIRMED = 1 << 3
+    SRC_NAT = 1 << 4
+    DST_NAT = 1 << 5
+    SEQ_ADJUST = 1 << 6
+    SRC_NAT_DONE = 1 << 7
+    DST_NAT_DONE = 1 << 8
+    DYING = 1 << 9
+    FIXED_TIMEOUT = 1 << 10
+    TEMPLATE = 1 << 11
+    UNTRACKED = 1 << 12
+    HELPER = 1 << 13
+    OFFLOAD = 1 << 14
+    HW_OFFLOAD = 1 << 15
+
+
+class TcpState(enum.IntEnum):
+    """TCP conntrack states (linux/netfilter/nf_conntrack_tcp.h, enum tcp_conntrack)."""
+
+    NONE = 0
+    SYN_SENT = 1
+    SYN_RECV = 2
+    ESTABLISHED = 3
+    FIN_WAIT = 4
+    CLOSE_WAIT = 5
+    LAST_ACK = 6
+    TIME_WAIT = 7
+    CLOSE = 8
+    SYN_SENT2 = 9
+
+
+class SctpState(enum.IntEnum):
+    """SCTP conntrack states (linux/netfilter/nf_conntrack_sctp.h, enum sctp_conntrack)."""
+
+    NONE = 0
+    CLOSED = 1
+    COOKIE_WAIT = 2
+    COOKIE_ECHOED = 3
+    ESTABLISHED = 4
+    SHUTDOWN_SENT = 5
+    SHUTDOWN_RECD = 6
+    SHUTDOWN_ACK_SENT = 7
+    HEARTBEAT_SENT = 8
+    HEARTBEAT_ACKED = 9
+
+
+class DccpState(enum.IntEnum):
+    """DCCP conntrack states (linux/netfilter/nf_conntrack_dccp.h, enum ct_dccp_states)."""
+
+    NONE = 0
+    REQUEST = 1
+    RESPOND = 2
+    PARTOPEN = 3
+    OPEN = 4
+    CLOSEREQ = 5
+    CLOSING = 6
+    TIMEWAIT = 7
+    IGNORE = 8
+    INVALID = 9
+
+
+class EventKind(enum.IntEnum):
+    """What happened to a flow: the conntrack event groups, plus DUMP for the start-up table."""
+
+    NEW = 1
+    UPDATE = 2
+    DESTROY = 3
+    DUMP = 4
+
+    @property
+    def label(self) -> str:
+        """The lowercase name used on the command line and in output."""
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class FlowTuple:
+    """One direction of a connection: addresses, protocol and its ports or ICMP identity.
+
+    `sport`/`dport` hold the ports for TCP/UDP/UDP-Lite/SCTP/DCCP and the keys for GRE;
+    ICMP and ICMPv6 use `icmp_type`, `icmp_code` and `icmp_id` instead.
+    """
+
+    family: int
+    proto: int
+    src: str
+    dst: str
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    icmp_id: int | None = None
+    zone: int | None = None
+
+    @property
+    def family_name(self) -> str:
+        """'ipv4' or 'ipv6'."""
+        return FAMILY_NAMES.get(self.family, str(self.family))
+
+    @property
+    def proto_name(self) -> str:
+        """Protocol keyword, e.g. 'tcp'."""
+        return proto_name(self.proto)
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Packet and byte counters of one direction (need net.netfilter.nf_conntrack_acct=1)."""
+
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Flow:
+    """A conntrack entry as the kernel reported it; the original and reply tuples show NAT."""
+
+    orig: FlowTuple
+    reply: FlowTuple | None = None
+    status: CtStatus = CtStatus(0)
+    proto_state: int | None = None
+    timeout: int | None = None
+    mark: int | None = None
+    zone: int | None = None
+    labels: int | None = None
+    ct_id: int | None = None
+    use: int | None = None
+    counters_orig: Counters | None = None
+    counters_reply: Counters | None = None
+    start_ns: int | None = None
+    stop_ns: int | None = None
+    secctx: str | None = None
+    helper: str | None = None
+
+    @property
+    def is_nat(self) -> bool:
+        """True when source or destination NAT applies to this flow."""
+        return bool(self.status & (CtStatus.SRC_NAT | CtStatus.DST_NAT))
+
+    @property
+    def nat_type(self) -> str:
+        """'snat', 'dnat', 'both' or 'none', from the status bits."""
+        snat = bool(self.status & CtStatus.SRC_NAT)
+        dnat = bool(self.status & CtStatus.DST_NAT)
+        return {(True, True): "both", (True, False): "snat", (False, True): "dnat"}.get(
+            (snat, dnat), "none"
+        )
+
+    @property
+    def state_name(self) -> str | None:
+        """The protocol state's name (TCP, SCTP or DCCP), or None for stateless protocols."""
+        if self.proto_state is None:
+            return None
+        enum_type = _STATE_ENUMS.get(self.orig.proto)
+        if enum_type is None:
+            return str(self.proto_state)
+        try:
+            return enum_type(self.proto_state).name
+        except ValueError:
+            return str(self.proto_state)
+
+    @property
+    def duration_ns(self) -> int | None:
+        """Kernel-measured lifetime, when both timestamps are known."""
+        if self.start_ns is None or self.stop_ns is None:
+            return None
+        return self.stop_ns - self.start_ns
+
+
+_STATE_ENUMS: dict[int, type[enum.IntEnum]] = {6: TcpState, 132: SctpState, 33: DccpState}
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEvent:
+    """A flow event as received: what happened, to which flow, in which namespace, when."""
+
+    kind: EventKind
+    flow: Flow
+    netns: str = ""
+    received_ns: int = 0
+
+    @property
+    def time_ns(self) -> int:
+        """Best time of the event: the kernel's stop/start stamp when known, else receipt."""
+        flow = self.flow
+        if self.kind is EventKind.DESTROY and flow.stop_ns:
+            return flow.stop_ns
+        if self.kind is EventKind.NEW and flow.start_ns:
+            return flow.start_ns
+        return self.received_ns
+
+
+@dataclass(frozen=True, slots=True)
+class LossNotice:
+    """In-band report that events were lost before reaching us (kernel buffer overflow)."""
+
+    netns: str
+    reason: str
+    lost: int | None  # None when the kernel cannot say how many
+    received_ns: int = 0
+
+
+Record = FlowEvent | LossNotice

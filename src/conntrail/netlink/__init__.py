@@ -1,0 +1,1 @@
+"""Sans-IO netlink codec: kernel bytes to typed records and requests to bytes (stdlib only)."""

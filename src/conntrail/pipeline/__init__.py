@@ -1,0 +1,1 @@
+"""The pipeline: sources → enrichers → filters → sinks, each sink behind a bounded queue."""

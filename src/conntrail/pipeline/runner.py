@@ -1,0 +1,185 @@
+"""The runner: reads sources, applies enrichers and filters, hands batches to queued sinks.
+
+Per-event work stays on the reading thread and is synchronous; each sink drains its own
+bounded queue in a worker thread, so a slow sink delays neither the kernel socket (whose
+overflow loses events) nor the other sinks.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import select
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from conntrail.model import FlowEvent, Record
+from conntrail.pipeline.stages import Enricher, Filter, Sink, Source
+
+log = logging.getLogger(__name__)
+_STOP = None
+
+
+class FullPolicy(enum.Enum):
+    """What a sink's queue does when full."""
+
+    BLOCK = "block"  # back-pressure onto the reader (the kernel buffer absorbs it, or drops)
+    DROP = "drop"  # drop the new batch and count every event in it
+
+
+@dataclass(slots=True)
+class SinkCounters:
+    """Per-sink counters, all monotonic."""
+
+    written: int = 0
+    dropped: int = 0
+    errors: int = 0
+
+
+class QueuedSink:
+    """A sink behind a bounded queue drained by its own thread."""
+
+    def __init__(self, sink: Sink, capacity: int = 1024,
+                 policy: FullPolicy = FullPolicy.BLOCK) -> None:
+        self.sink = sink
+        self.policy = policy
+        self.counters = SinkCounters()
+        self.failed = threading.Event()
+        self._queue: queue.Queue[Sequence[Record] | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._drain, name=f"sink:{sink.name}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        """Open the sink and start its worker."""
+        self.sink.open()
+        self._thread.start()
+
+    def offer(self, batch: Sequence[Record]) -> None:
+        """Queue a batch according to the full-queue policy."""
+        if self.failed.is_set():
+            self.counters.dropped += len(batch)
+            return
+        if self.policy is FullPolicy.BLOCK:
+            self._queue.put(batch)
+            return
+        try:
+            self._queue.put_nowait(batch)
+        except queue.Full:
+            self.counters.dropped += len(batch)
+
+    def depth(self) -> int:
+        """Batches waiting."""
+        return self._queue.qsize()
+
+    def _drain(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is _STOP:
+                return
+            try:
+                self.sink.write(batch)
+                self.counters.written += len(batch)
+            except BrokenPipeError:
+                self.counters.dropped += len(batch)
+                self.failed.set()
+            except Exception:  # noqa: BLE001 - a failing sink must never kill the daemon
+                self.counters.errors += 1
+                self.counters.dropped += len(batch)
+                log.exception("sink %s failed to write a batch", self.sink.name)
+
+    def stop(self, deadline: float) -> None:
+        """Finish queued batches until `deadline` (monotonic), then close the sink."""
+        try:
+            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            log.error("sink %s: queue not drained before the deadline", self.sink.name)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.sink.close()
+
+
+@dataclass(slots=True)
+class RunCounters:
+    """What the runner saw: events in, filtered out, notices."""
+
+    events: int = 0
+    filtered: int = 0
+    notices: int = 0
+    stage_errors: int = 0
+
+
+@dataclass
+class Pipeline:
+    """Sources, ordered enrichers, filters and queued sinks: one stack, as in ulogd2."""
+
+    sources: list[Source]
+    sinks: list[QueuedSink]
+    enrichers: list[Enricher] = field(default_factory=list)
+    filters: list[Filter] = field(default_factory=list)
+    counters: RunCounters = field(default_factory=RunCounters)
+    idle_sleep: float = 0.0005
+
+    def process(self, records: list[Record]) -> list[Record]:
+        """Enrich and filter one batch; notices pass untouched."""
+        out: list[Record] = []
+        for record in records:
+            if not isinstance(record, FlowEvent):
+                self.counters.notices += 1
+                out.append(record)
+                continue
+            self.counters.events += 1
+            kept = self._apply(record)
+            if kept is None:
+                self.counters.filtered += 1
+            else:
+                out.append(kept)
+        return out
+
+    def _apply(self, event: FlowEvent) -> FlowEvent | None:
+        try:
+            for enrich in self.enrichers:
+                event = enrich(event)
+            for keep in self.filters:
+                if not keep(event):
+                    return None
+        except Exception:  # noqa: BLE001 - a failing stage is counted, never fatal
+            self.counters.stage_errors += 1
+            log.exception("stage failed on an event; event passed on unchanged")
+        return event
+
+    def deliver(self, records: Sequence[Record]) -> None:
+        """Hand one processed batch to every sink."""
+        if records:
+            for sink in self.sinks:
+                sink.offer(records)
+
+    def run(self, stop: threading.Event, max_events: int | None = None) -> None:
+        """Read until `stop` is set (or every sink failed, or `max_events` delivered)."""
+        for sink in self.sinks:
+            sink.start()
+        for source in self.sources:
+            pending = source.read()  # start-up dumps queued by start()
+            self.deliver(self.process(pending))
+        fds = {source.fileno(): source for source in self.sources}
+        while not stop.is_set() and not self._all_sinks_failed():
+            readable, _, _ = select.select(list(fds), [], [], 0.2)
+            for fd in readable:
+                self.deliver(self.process(fds[fd].read()))
+            if max_events is not None and self.counters.events >= max_events:
+                return
+            if readable and self.idle_sleep:
+                # Let the kernel queue a few more events: one wake-up per batch, not per event.
+                time.sleep(self.idle_sleep)
+
+    def _all_sinks_failed(self) -> bool:
+        return bool(self.sinks) and all(sink.failed.is_set() for sink in self.sinks)
+
+    def shutdown(self, drain_seconds: float = 5.0) -> None:
+        """Drain sinks with a deadline, then stop sources."""
+        deadline = time.monotonic() + drain_seconds
+        for sink in self.sinks:
+            sink.stop(deadline)
+        for source in self.sources:
+            source.stop()

@@ -1,0 +1,1 @@
+"""Sinks: where formatted records leave conntrail (stdout, files, databases …)."""

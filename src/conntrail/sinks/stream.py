@@ -1,0 +1,34 @@
+"""A sink writing formatted records to a binary stream (stdout, or a file opened by the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from conntrail.model import Record
+from conntrail.pipeline.stages import Formatter
+
+
+class StreamSink:
+    """Writes each batch with one write and one flush: low latency, few syscalls."""
+
+    def __init__(self, name: str, stream: BinaryIO, formatter: Formatter) -> None:
+        self.name = name
+        self._stream = stream
+        self._format = formatter
+
+    def open(self) -> None:
+        """Nothing to acquire: the stream is already open."""
+
+    def write(self, batch: Sequence[Record]) -> None:
+        """Format and write the batch; a closed pipe raises BrokenPipeError to the runner."""
+        fmt = self._format
+        self._stream.write(b"".join([fmt(record) for record in batch]))
+        self._stream.flush()
+
+    def close(self) -> None:
+        """Flush what is buffered; the stream itself belongs to the caller."""
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass

@@ -1,0 +1,167 @@
+"""The conntrack source: start-up dump, live NEW/UPDATE/DESTROY events, resync after loss."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from conntrail.errors import DecodeError, NetlinkError
+from conntrail.kernel.netns import NetnsRef
+from conntrail.kernel.socket import (
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    NFNLGRP_CONNTRACK_UPDATE,
+    BufferPolicy,
+    NetlinkSocket,
+    kernel_drops,
+)
+from conntrail.model import AF_INET, AF_INET6, EventKind, FlowEvent, LossNotice, Record
+from conntrail.netlink.conntrack import Control, DumpRequest, decode_datagram, encode_dump_request
+
+log = logging.getLogger(__name__)
+
+_GROUPS = {
+    EventKind.NEW: NFNLGRP_CONNTRACK_NEW,
+    EventKind.UPDATE: NFNLGRP_CONNTRACK_UPDATE,
+    EventKind.DESTROY: NFNLGRP_CONNTRACK_DESTROY,
+}
+DUMP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackOptions:
+    """What to listen to and how: event kinds, start-up dump, buffer policy, reliability."""
+
+    kinds: frozenset[EventKind] = frozenset(_GROUPS)
+    dump: bool = False
+    buffer: BufferPolicy = field(default_factory=BufferPolicy)
+    reliable: bool = False
+    batch: int = 256
+
+
+@dataclass(slots=True)
+class ConntrackStats:
+    """Per-source counters, all monotonic."""
+
+    received: int = 0
+    dumped: int = 0
+    decode_errors: int = 0
+    enobufs: int = 0
+    resyncs: int = 0
+    lost: int = 0
+
+
+class ConntrackSource:
+    """Conntrack events of one network namespace."""
+
+    def __init__(self, netns: NetnsRef, options: ConntrackOptions | None = None) -> None:
+        self.netns = netns
+        self.options = options or ConntrackOptions()
+        self.name = f"conntrack[{netns.name or 'current'}]"
+        self.counters = ConntrackStats()
+        self._events: NetlinkSocket | None = None
+        self._pending: list[Record] = []
+        self._seq = int(time.time())
+        self._drops_seen = 0
+
+    def start(self) -> None:
+        """Subscribe first, then dump: a flow can appear twice, but none is missed."""
+        groups = tuple(_GROUPS[kind] for kind in sorted(self.options.kinds) if kind in _GROUPS)
+        self._events = NetlinkSocket(self.netns, groups, self.options.buffer)
+        if self.options.reliable:
+            self._events.set_reliable()
+        if self.options.dump:
+            self._pending.extend(self.dump())
+
+    def fileno(self) -> int:
+        """The event socket's fd."""
+        assert self._events is not None, "start() first"
+        return self._events.fileno()
+
+    def dump(self) -> list[Record]:
+        """Read the whole conntrack table (both families) on a separate socket."""
+        out: list[Record] = []
+        with NetlinkSocket(self.netns, (), self.options.buffer) as sock:
+            for family in (AF_INET, AF_INET6):
+                self._seq += 1
+                sock.send(encode_dump_request(DumpRequest(family, self._seq)))
+                out.extend(self._read_dump(sock, self._seq))
+        self.counters.dumped += len(out)
+        return out
+
+    def _read_dump(self, sock: NetlinkSocket, seq: int) -> list[Record]:
+        deadline = time.monotonic() + DUMP_TIMEOUT_S
+        out: list[Record] = []
+        now = time.time_ns()
+        while time.monotonic() < deadline:
+            if not sock.wait(0.5):
+                continue
+            for datagram in sock.recv_batch():
+                for item in self._decode(datagram, now):
+                    if isinstance(item, Control):
+                        if item.seq == seq and item.kind in ("done", "ack"):
+                            return out
+                        if item.kind == "error":
+                            raise NetlinkError(item.errno, "conntrack table dump")
+                    else:
+                        out.append(item)
+        log.error("conntrack dump in %s did not finish in %.0f s", self.name, DUMP_TIMEOUT_S)
+        return out
+
+    def _decode(self, datagram: bytes, now: int) -> list[FlowEvent | Control]:
+        try:
+            return decode_datagram(datagram, self.netns.name, now)
+        except DecodeError as exc:
+            self.counters.decode_errors += 1
+            log.error("%s: undecodable datagram skipped: %s", self.name, exc)
+            return []
+
+    def read(self) -> list[Record]:
+        """Drain the socket: decoded events, and a loss notice plus resync after ENOBUFS."""
+        sock = self._events
+        assert sock is not None, "start() first"
+        out, self._pending = self._pending, []
+        now = time.time_ns()
+        for datagram in sock.recv_batch(self.options.batch):
+            for item in self._decode(datagram, now):
+                if isinstance(item, FlowEvent):
+                    out.append(item)
+        self.counters.received += len(out)
+        if sock.take_overflow():
+            out.extend(self._recover(sock, now))
+        return out
+
+    def _recover(self, sock: NetlinkSocket, now: int) -> list[Record]:
+        """After ENOBUFS: count what was lost, grow the buffer, re-read the table."""
+        self.counters.enobufs += 1
+        drops = kernel_drops(sock)
+        lost = None
+        if drops is not None:
+            lost, self._drops_seen = drops - self._drops_seen, drops
+            self.counters.lost += lost
+        log.error("%s: kernel dropped %s events (receive buffer full); resyncing",
+                  self.name, "some" if lost is None else lost)
+        sock.grow_buffer()
+        notice = LossNotice(self.netns.name, "enobufs", lost, now)
+        self.counters.resyncs += 1
+        return [notice, *self.dump()]
+
+    def stats(self) -> dict[str, int]:
+        """Counters, plus the kernel's own drop count for the socket when readable."""
+        values = {
+            "received": self.counters.received, "dumped": self.counters.dumped,
+            "decode_errors": self.counters.decode_errors, "enobufs": self.counters.enobufs,
+            "resyncs": self.counters.resyncs, "lost": self.counters.lost,
+        }
+        if self._events is not None:
+            drops = kernel_drops(self._events)
+            if drops is not None:
+                values["lost"] = max(values["lost"], drops)
+        return values
+
+    def stop(self) -> None:
+        """Close the event socket."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
