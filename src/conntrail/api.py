@@ -19,6 +19,8 @@ from conntrail.model import EventKind, FlowEvent, Record
 from conntrail.session import KernelSession, SessionOptions
 from conntrail.sources.conntrack import ConntrackOptions, ConntrackSource
 
+DEFAULT_SESSION = SessionOptions()
+
 
 def parse_kinds(kinds: Iterable[str]) -> frozenset[EventKind]:
     """Event kind names ('new', 'update', 'destroy') to EventKinds; unknown names refused."""
@@ -37,7 +39,7 @@ class Listener:
 
     def __init__(self, netns: str | None = None,
                  kinds: Iterable[str] = ("new", "update", "destroy"), dump: bool = False,
-                 prepare: SessionOptions | None = SessionOptions()) -> None:
+                 prepare: SessionOptions | None = DEFAULT_SESSION) -> None:
         self._kinds = parse_kinds(kinds)
         self._netns = resolve(netns)
         self._session = KernelSession(prepare) if prepare is not None else None

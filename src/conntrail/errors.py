@@ -29,7 +29,7 @@ class NetlinkError(ConntrailError):
         super().__init__(f"{context}: kernel returned errno {errno}")
 
 
-class EventsLost(ConntrailError):
+class EventsLost(ConntrailError):  # noqa: N818 - the design guide's name; it is a report
     """The kernel dropped events because our receive buffer overflowed (ENOBUFS)."""
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, TextIO
 
-from conntrail.errors import DecodeError
+from conntrail.errors import ConfigError, DecodeError
 from conntrail.formats.jsonl import JsonFormat
 from conntrail.formats.text import TextFormat
 from conntrail.model import FlowEvent
@@ -32,13 +32,21 @@ def _formatter(layout: str) -> Formatter:
     return TextFormat() if layout == "text" else JsonFormat(layout)
 
 
+def _open_input(path: str) -> TextIO:
+    if path == "-":
+        return sys.stdin
+    try:
+        return open(path, encoding="ascii")
+    except OSError as exc:
+        raise ConfigError("FILE", f"{path}: {exc.strerror}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `conntrail decode`; exit status 1 when any line could not be decoded."""
     formatter = _formatter(args.layout)
-    source = sys.stdin if args.file == "-" else open(args.file, encoding="ascii")
     errors = 0
     out = sys.stdout.buffer
-    with source:
+    with _open_input(args.file) as source:
         for number, line in enumerate(source, start=1):
             try:
                 item = parse_line(number, line)

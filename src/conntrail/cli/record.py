@@ -64,6 +64,15 @@ def _record(sock: NetlinkSocket, out: TextIO, stop: threading.Event, count: int 
     return written
 
 
+def _open_output(path: str) -> TextIO:
+    try:
+        if path == "-":
+            return os.fdopen(os.dup(1), "w", encoding="ascii")
+        return open(path, "w", encoding="ascii")
+    except OSError as exc:
+        raise ConfigError("--output", f"{path}: {exc.strerror}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `conntrail record`."""
     if len(args.netns) > 1:
@@ -75,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     deadline = None if args.duration is None else time.monotonic() + args.duration
     stop = threading.Event()
     previous = _install_signals(stop)
-    out = open(args.output, "w", encoding="ascii") if args.output != "-" else \
-        os.fdopen(os.dup(1), "w", encoding="ascii")
+    out = _open_output(args.output)
     try:
         session.prepare(netns)
         groups = tuple(_GROUPS[kind] for kind in sorted(kinds))

@@ -116,7 +116,8 @@ def _details(event: FlowEvent) -> str:
     if flow.zone:
         parts.append(f"zone={flow.zone}")
     if flow.counters_orig is not None or flow.counters_reply is not None:
-        parts.append(f"packets={_counter_sum(event, 'packets')} bytes={_counter_sum(event, 'bytes')}")
+        packets, octets = _counter_sum(event, "packets"), _counter_sum(event, "bytes")
+        parts.append(f"packets={packets} bytes={octets}")
     duration = flow.duration_ns
     if duration is not None:
         parts.append(f"duration={duration / 1e9:.3f}s")

@@ -2,8 +2,8 @@
 
 ECS mapping: `source.*`/`destination.*` are the original tuple; under SNAT `source.nat.*` is
 the translated source (the reply tuple's destination), under DNAT `destination.nat.*` is the
-real destination (the reply tuple's source). What ECS has no field for goes under
-`conntrail.*`.
+real destination (the reply tuple's source): together they carry both tuples. What ECS has
+no field for goes under `conntrail.*` (conntrack id, status, state, mark, zone, ICMP, netns).
 """
 
 from __future__ import annotations
@@ -13,101 +13,114 @@ from typing import Any
 import orjson
 
 from conntrail.formats.timefmt import iso_utc
-from conntrail.model import Counters, CtStatus, FlowEvent, FlowTuple, LossNotice, Record
+from conntrail.model import (
+    FAMILY_NAMES,
+    Counters,
+    EventKind,
+    Flow,
+    FlowEvent,
+    FlowTuple,
+    LossNotice,
+    Record,
+    proto_name,
+    status_names,
+)
 
 _EVENT_TYPES = {"new": ["connection", "start"], "destroy": ["connection", "end"],
                 "update": ["connection", "change"], "dump": ["connection", "info"]}
 _ECS_TRANSPORT = {58: "ipv6-icmp"}
 
 
-def _status_names(status: CtStatus) -> list[str]:
-    return [flag.name for flag in CtStatus if flag in status and flag.name]
+_NETWORK_CACHE: dict[tuple[int, int], dict[str, str]] = {}
+_ACTIONS = {kind: (kind.label, _EVENT_TYPES[kind.label]) for kind in EventKind}
+
+
+def _network_base(family: int, proto: int) -> dict[str, str]:
+    """network.type/transport/iana_number for a (family, proto), built once per pair."""
+    base = _NETWORK_CACHE.get((family, proto))
+    if base is None:
+        base = {"type": FAMILY_NAMES.get(family, str(family)),
+                "transport": _ECS_TRANSPORT.get(proto, proto_name(proto)),
+                "iana_number": str(proto)}
+        _NETWORK_CACHE[(family, proto)] = base
+    return base
 
 
 def _endpoint(address: str, port: int | None, counters: Counters | None) -> dict[str, Any]:
-    doc: dict[str, Any] = {"ip": address}
-    if port is not None:
-        doc["port"] = port
+    doc: dict[str, Any] = {"ip": address} if port is None else {"ip": address, "port": port}
     if counters is not None:
         doc["bytes"] = counters.bytes
         doc["packets"] = counters.packets
     return doc
 
 
-def _tuple_doc(t: FlowTuple) -> dict[str, Any]:
-    doc: dict[str, Any] = {"src": t.src, "dst": t.dst}
-    if t.sport is not None:
-        doc["sport"] = t.sport
-        doc["dport"] = t.dport
-    if t.icmp_type is not None:
-        doc["icmp"] = {"type": t.icmp_type, "code": t.icmp_code, "id": t.icmp_id}
-    if t.zone is not None:
-        doc["zone"] = t.zone
-    return doc
-
-
-def _network(event: FlowEvent) -> dict[str, Any]:
-    flow = event.flow
-    orig = flow.orig
-    doc: dict[str, Any] = {
-        "type": orig.family_name,
-        "transport": _ECS_TRANSPORT.get(orig.proto, orig.proto_name),
-        "iana_number": str(orig.proto),
-    }
-    if flow.counters_orig is not None and flow.counters_reply is not None:
-        doc["bytes"] = flow.counters_orig.bytes + flow.counters_reply.bytes
-        doc["packets"] = flow.counters_orig.packets + flow.counters_reply.packets
-    return doc
-
-
-def _event_doc(event: FlowEvent) -> dict[str, Any]:
-    action = event.kind.label
-    doc: dict[str, Any] = {"kind": "event", "category": ["network"],
-                           "type": _EVENT_TYPES[action], "action": action}
-    flow = event.flow
+def _event_doc(kind: EventKind, flow: Flow) -> dict[str, Any]:
+    action, types = _ACTIONS[kind]
+    doc: dict[str, Any] = {"kind": "event", "category": ["network"], "type": types,
+                           "action": action}
     if flow.start_ns:
         doc["start"] = iso_utc(flow.start_ns)
-    if flow.stop_ns:
-        doc["end"] = iso_utc(flow.stop_ns)
-    if flow.duration_ns is not None:
-        doc["duration"] = flow.duration_ns
+        if flow.stop_ns:
+            doc["end"] = iso_utc(flow.stop_ns)
+            doc["duration"] = flow.stop_ns - flow.start_ns
     return doc
 
 
-def _conntrack_doc(event: FlowEvent) -> dict[str, Any]:
-    flow = event.flow
-    doc: dict[str, Any] = {"status": _status_names(flow.status), "nat": flow.nat_type}
-    optional = {"id": flow.ct_id, "state": flow.state_name, "mark": flow.mark,
-                "zone": flow.zone, "timeout": flow.timeout, "use": flow.use,
-                "labels": None if flow.labels is None else f"{flow.labels:#x}",
-                "helper": flow.helper, "secctx": flow.secctx}
-    doc.update({key: value for key, value in optional.items() if value is not None})
-    doc["orig"] = _tuple_doc(flow.orig)
-    if flow.reply is not None:
-        doc["reply"] = _tuple_doc(flow.reply)
+def _conntrack_doc(flow: Flow) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": flow.ct_id, "status": status_names(flow.status),
+                           "nat": flow.nat_type}
+    if flow.proto_state is not None:
+        doc["state"] = flow.state_name
+    if flow.mark is not None:
+        doc["mark"] = flow.mark
+    if flow.zone is not None:
+        doc["zone"] = flow.zone
+    if flow.timeout is not None:
+        doc["timeout"] = flow.timeout
+    if flow.labels is not None:
+        doc["labels"] = f"{flow.labels:#x}"
+    if flow.helper is not None:
+        doc["helper"] = flow.helper
+    if flow.secctx is not None:
+        doc["secctx"] = flow.secctx
     return doc
 
 
-def _nat(doc: dict[str, Any], address: str, port: int | None) -> None:
-    doc["nat"] = {"ip": address} if port is None else {"ip": address, "port": port}
+def _icmp_doc(orig: FlowTuple, reply: FlowTuple | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": orig.icmp_type, "code": orig.icmp_code, "id": orig.icmp_id}
+    if reply is not None:
+        doc["reply_type"] = reply.icmp_type
+    return doc
 
 
 def ecs_document(event: FlowEvent) -> dict[str, Any]:
-    """The ECS document of one flow event."""
+    """The ECS document of one flow event (per-event hot path: kept flat on purpose)."""
     flow = event.flow
     orig, reply = flow.orig, flow.reply
     source = _endpoint(orig.src, orig.sport, flow.counters_orig)
     destination = _endpoint(orig.dst, orig.dport, flow.counters_reply)
-    if reply is not None and (reply.dst != orig.src or reply.dport != orig.sport):
-        _nat(source, reply.dst, reply.dport)
-    if reply is not None and (reply.src != orig.dst or reply.sport != orig.dport):
-        _nat(destination, reply.src, reply.sport)
-    conntrail: dict[str, Any] = {"ct": _conntrack_doc(event)}
+    network: dict[str, Any] = _network_base(orig.family, orig.proto)
+    if reply is not None:
+        if reply.dst != orig.src or reply.dport != orig.sport:
+            source["nat"] = _nat(reply.dst, reply.dport)
+        if reply.src != orig.dst or reply.sport != orig.dport:
+            destination["nat"] = _nat(reply.src, reply.sport)
+    if flow.counters_orig is not None and flow.counters_reply is not None:
+        network = {**network,
+                   "bytes": flow.counters_orig.bytes + flow.counters_reply.bytes,
+                   "packets": flow.counters_orig.packets + flow.counters_reply.packets}
+    conntrail: dict[str, Any] = {"ct": _conntrack_doc(flow)}
+    if orig.icmp_type is not None:
+        conntrail["icmp"] = _icmp_doc(orig, reply)
     if event.netns:
         conntrail["netns"] = event.netns
-    return {"@timestamp": iso_utc(event.time_ns), "event": _event_doc(event),
-            "network": _network(event), "source": source, "destination": destination,
+    return {"@timestamp": iso_utc(event.time_ns), "event": _event_doc(event.kind, flow),
+            "network": network, "source": source, "destination": destination,
             "conntrail": conntrail}
+
+
+def _nat(address: str, port: int | None) -> dict[str, Any]:
+    return {"ip": address} if port is None else {"ip": address, "port": port}
 
 
 def loss_document(notice: LossNotice) -> dict[str, Any]:
@@ -129,7 +142,7 @@ def record_document(event: FlowEvent) -> dict[str, Any]:
     for name in ("proto_state", "timeout", "mark", "zone", "labels", "ct_id", "use",
                  "start_ns", "stop_ns", "secctx", "helper"):
         doc[name] = getattr(flow, name)
-    doc["status"] = _status_names(flow.status)
+    doc["status"] = list(status_names(flow.status))
     doc["orig"] = _full_tuple(flow.orig)
     doc["reply"] = None if flow.reply is None else _full_tuple(flow.reply)
     for name in ("counters_orig", "counters_reply"):
@@ -140,7 +153,7 @@ def record_document(event: FlowEvent) -> dict[str, Any]:
 
 
 def _full_tuple(t: FlowTuple) -> dict[str, Any]:
-    return {name: getattr(t, name) for name in FlowTuple.__slots__}
+    return t._asdict()
 
 
 class JsonFormat:

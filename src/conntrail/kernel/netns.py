@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from conntrail.errors import KernelError
@@ -86,7 +86,7 @@ def entered(ref: NetnsRef) -> Iterator[None]:
         os.close(home)
 
 
-def preexec_for(ref: NetnsRef) -> object:
+def preexec_for(ref: NetnsRef) -> Callable[[], None] | None:
     """A subprocess preexec_fn that moves the child into `ref` (None for the current netns)."""
     if ref.path is None:
         return None

@@ -44,14 +44,14 @@ def run_nft(args: list[str], netns: NetnsRef, stdin: str | None = None) -> str:
     binary = shutil.which("nft")
     if binary is None:
         raise KernelError("the nft command is missing: install the nftables package")
-    proc = subprocess.run(  # noqa: S603 - fixed binary, arguments built by us
+    proc = subprocess.run(
         [binary, *args], input=stdin, capture_output=True, text=True, check=False,
-        preexec_fn=preexec_for(netns),  # type: ignore[arg-type]  # noqa: PLW1509
+        preexec_fn=preexec_for(netns),
     )
     if proc.returncode != 0:
         where = f" in netns {netns.name}" if netns.name else ""
         raise KernelError(f"nft {' '.join(args)}{where}: {proc.stderr.strip()}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def _walk(node: Any) -> Iterator[tuple[str, Any]]:

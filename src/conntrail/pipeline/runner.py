@@ -85,7 +85,7 @@ class QueuedSink:
             except BrokenPipeError:
                 self.counters.dropped += len(batch)
                 self.failed.set()
-            except Exception:  # noqa: BLE001 - a failing sink must never kill the daemon
+            except Exception:  # a failing sink must never kill the daemon
                 self.counters.errors += 1
                 self.counters.dropped += len(batch)
                 log.exception("sink %s failed to write a batch", self.sink.name)
@@ -144,7 +144,7 @@ class Pipeline:
             for keep in self.filters:
                 if not keep(event):
                     return None
-        except Exception:  # noqa: BLE001 - a failing stage is counted, never fatal
+        except Exception:  # a failing stage is counted, never fatal
             self.counters.stage_errors += 1
             log.exception("stage failed on an event; event passed on unchanged")
         return event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -28,7 +29,5 @@ class StreamSink:
 
     def close(self) -> None:
         """Flush what is buffered; the stream itself belongs to the caller."""
-        try:
+        with contextlib.suppress(BrokenPipeError, ValueError):
             self._stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass
