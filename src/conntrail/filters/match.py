@@ -342,8 +342,11 @@ def _state(event: FlowEvent) -> str | None:
 
 _SPECS: dict[str, _FieldSpec] = {
     "proto": _FieldSpec(
-        _Kind.PROTO, (_orig("proto"),), "protocol name or number (tcp, udp, 6, ...)",
-        "protocol", _U8,
+        _Kind.PROTO,
+        (_orig("proto"),),
+        "protocol name or number (tcp, udp, 6, ...)",
+        "protocol",
+        _U8,
     ),
     "family": _FieldSpec(_Kind.FAMILY, (_orig("family"),), "address family: ipv4/ipv6 or 4/6"),
     "src": _FieldSpec(_Kind.ADDR, (_orig("src"),), "original source address (address or CIDR)"),
@@ -352,9 +355,7 @@ _SPECS: dict[str, _FieldSpec] = {
     "dport": _FieldSpec(_Kind.INT, (_orig("dport"),), "original destination port", "port", _U16),
     "reply.src": _FieldSpec(_Kind.ADDR, (_reply("src"),), "reply source address"),
     "reply.dst": _FieldSpec(_Kind.ADDR, (_reply("dst"),), "reply destination address"),
-    "reply.sport": _FieldSpec(
-        _Kind.INT, (_reply("sport"),), "reply source port", "port", _U16
-    ),
+    "reply.sport": _FieldSpec(_Kind.INT, (_reply("sport"),), "reply source port", "port", _U16),
     "reply.dport": _FieldSpec(
         _Kind.INT, (_reply("dport"),), "reply destination port", "port", _U16
     ),
@@ -362,8 +363,11 @@ _SPECS: dict[str, _FieldSpec] = {
         _Kind.ADDR, (_orig("src"), _orig("dst")), "either original address (src or dst)"
     ),
     "port": _FieldSpec(
-        _Kind.INT, (_orig("sport"), _orig("dport")), "either original port (sport or dport)",
-        "port", _U16,
+        _Kind.INT,
+        (_orig("sport"), _orig("dport")),
+        "either original port (sport or dport)",
+        "port",
+        _U16,
     ),
     "icmp.type": _FieldSpec(_Kind.INT, (_orig("icmp_type"),), "ICMP type", "ICMP type", _U8),
     "icmp.code": _FieldSpec(_Kind.INT, (_orig("icmp_code"),), "ICMP code", "ICMP code", _U8),
@@ -372,12 +376,16 @@ _SPECS: dict[str, _FieldSpec] = {
         _Kind.STATE, (_state,), "protocol state, e.g. ESTABLISHED (TCP, SCTP, DCCP; globs ok)"
     ),
     "status": _FieldSpec(
-        _Kind.STATUS, (operator.attrgetter("flow.status"),),
+        _Kind.STATUS,
+        (operator.attrgetter("flow.status"),),
         "status flags, all must be set: status has {SEEN_REPLY, ASSURED}",
     ),
     "mark": _FieldSpec(
-        _Kind.INT, (operator.attrgetter("flow.mark"),),
-        "connection mark; mark/MASK compares the masked mark", "mark", _U32,
+        _Kind.INT,
+        (operator.attrgetter("flow.mark"),),
+        "connection mark; mark/MASK compares the masked mark",
+        "mark",
+        _U32,
     ),
     "zone": _FieldSpec(_Kind.INT, (_zone,), "conntrack zone", "zone", _U16),
     "netns": _FieldSpec(
@@ -391,12 +399,18 @@ _SPECS: dict[str, _FieldSpec] = {
         _Kind.INT, (operator.attrgetter("flow.ct_id"),), "conntrack id", "id", _U32
     ),
     "bytes": _FieldSpec(
-        _Kind.INT, (_counter("bytes"),), "bytes, both directions (needs accounting)",
-        "byte count", _U64,
+        _Kind.INT,
+        (_counter("bytes"),),
+        "bytes, both directions (needs accounting)",
+        "byte count",
+        _U64,
     ),
     "packets": _FieldSpec(
-        _Kind.INT, (_counter("packets"),), "packets, both directions (needs accounting)",
-        "packet count", _U64,
+        _Kind.INT,
+        (_counter("packets"),),
+        "packets, both directions (needs accounting)",
+        "packet count",
+        _U64,
     ),
 }
 _ALIASES = {"host": "addr", "id": "ct_id"}
@@ -410,8 +424,14 @@ FIELDS.update({alias: f"alias of {target}" for alias, target in _ALIASES.items()
 
 _INT_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")  # ASCII only: int() would take other digits
 _TOO_BIG = 1 << 128  # beyond every field's range; avoids int()'s 4300-digit ValueError
-_FAMILIES = {"ipv4": AF_INET, "4": AF_INET, "inet": AF_INET,
-             "ipv6": AF_INET6, "6": AF_INET6, "inet6": AF_INET6}
+_FAMILIES = {
+    "ipv4": AF_INET,
+    "4": AF_INET,
+    "inet": AF_INET,
+    "ipv6": AF_INET6,
+    "6": AF_INET6,
+    "inet6": AF_INET6,
+}
 _NAT_VALUES = ("snat", "dnat", "both", "none")
 _STATE_NAMES = frozenset(
     name for enum_type in (TcpState, SctpState, DccpState) for name in enum_type.__members__
@@ -648,7 +668,7 @@ class _Parser:
             expr = self._nested(self._parse_or, tok)
             close = self._advance()
             if close.key != ")":
-                reason = f"expected ')' to close the '(' at {tok.pos}, found {_describe(close)}"
+                reason = f"expected ')' for the '(' at position {tok.pos}, found {_describe(close)}"
                 raise _error(reason, close.pos)
             return expr
         return self._parse_atom()
@@ -866,10 +886,14 @@ def _addr_key_miss(text: object) -> tuple[int, int]:
 def _address_test(values: Sequence[Value]) -> _Test:
     """Test of an address string against networks; never matches across IP versions."""
     nets = [value.network for value in values if isinstance(value, Network)]
-    exact = frozenset((n.version, int(n.network_address)) for n in nets
-                      if n.prefixlen == n.max_prefixlen)
-    ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in nets
-                   if n.prefixlen < n.max_prefixlen)
+    exact = frozenset(
+        (n.version, int(n.network_address)) for n in nets if n.prefixlen == n.max_prefixlen
+    )
+    ranges = tuple(
+        (n.version, int(n.network_address), int(n.broadcast_address))
+        for n in nets
+        if n.prefixlen < n.max_prefixlen
+    )
     cached = _ADDR_CACHE.get  # bound once: clear() keeps the same dict
     if not ranges:
         return lambda text: (cached(text) or _addr_key_miss(text)) in exact
@@ -1000,12 +1024,20 @@ def _any_of(predicates: Sequence[Predicate]) -> Predicate:
 
 # What a hand-built tree may hold per kind (parse() only builds trees that fit).
 _LITERAL_TYPES: dict[_Kind, type] = {
-    _Kind.INT: int, _Kind.PROTO: int, _Kind.FAMILY: int, _Kind.EVENT: int,
-    _Kind.STATE: str, _Kind.NETNS: str, _Kind.NAT: str,
+    _Kind.INT: int,
+    _Kind.PROTO: int,
+    _Kind.FAMILY: int,
+    _Kind.EVENT: int,
+    _Kind.STATE: str,
+    _Kind.NETNS: str,
+    _Kind.NAT: str,
 }
 _OTHER_VALUES: dict[_Kind, tuple[type, ...]] = {
-    _Kind.INT: (IntRange,), _Kind.ADDR: (Network,), _Kind.STATE: (Glob,),
-    _Kind.NETNS: (Glob,), _Kind.STATUS: (Flags,),
+    _Kind.INT: (IntRange,),
+    _Kind.ADDR: (Network,),
+    _Kind.STATE: (Glob,),
+    _Kind.NETNS: (Glob,),
+    _Kind.STATUS: (Flags,),
 }
 
 
@@ -1058,8 +1090,8 @@ def _literal_leaf(get: _Getter, cmp: Compare) -> Predicate | None:
     if len(members) == 1:
         (value,) = members
         if cmp.op == "==":
-            return lambda event: bool(get(event) == value)
-        return lambda event: bool(get(event) != value)
+            return lambda event: get(event) == value  # ints, strings, enums: always a bool
+        return lambda event: get(event) != value
     if cmp.op == "==":
         return lambda event: get(event) in members
     return lambda event: get(event) not in members

@@ -71,6 +71,8 @@ class ConntrackSource:
         self._events = NetlinkSocket(self.netns, groups, self.options.buffer)
         if self.options.reliable:
             self._events.set_reliable()
+        log.info("%s: listening for %s", self.name,
+                 ",".join(kind.label for kind in sorted(self.options.kinds)))
         if self.options.dump:
             self._pending.extend(self.dump())
 
