@@ -21,8 +21,8 @@ def _conntrack_events(output: str) -> set[tuple[str, int]]:
     for line in output.splitlines():
         match = _CT_LINE.search(line)
         if match:
-            line = line.split("[USERSPACE]")[0]
-            events.add((match.group(1).lower(), int(_CT_ID.findall(line)[-1])))
+            ids = _CT_ID.findall(line.split("[USERSPACE]")[0])
+            events.add((match.group(1).lower(), int(ids[-1])))
     return events
 
 

@@ -26,7 +26,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.level:
                 base = _module_name(path).split(".")
-                found.add(".".join(base[: len(base) - node.level + 1] + [node.module]))
+                found.add(".".join([*base[:len(base) - node.level + 1], node.module]))
             else:
                 found.add(node.module)
     return found

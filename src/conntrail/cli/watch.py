@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> None:
                         help="only these protocols (name or number; repeat or comma-separate)")
     parser.add_argument("-e", "--events", default="new,update,destroy", metavar="KINDS",
                         help="event kinds, comma-separated (default new,update,destroy)")
-    parser.add_argument("-f", "--filter", metavar="EXPR", help="filter expression")
+    parser.add_argument("-f", "--filter", action="append", default=[], metavar="EXPR",
+                        help="filter expression (repeat: all must match)")
     parser.add_argument("--help-filter", action="store_true",
                         help="describe the filter language and exit")
     parser.add_argument("--json", action="store_true", help="one ECS JSON object per line")
@@ -120,7 +121,7 @@ def plan(args: argparse.Namespace) -> WatchPlan:
     if args.filter:
         from conntrail.filters.match import compile_filter
 
-        filters.append(compile_filter(args.filter))
+        filters.extend(compile_filter(text) for text in args.filter)
     formatter: Formatter = JsonFormat() if args.json else TextFormat(args.format,
                                                                      args.format_ts)
     options = ConntrackOptions(kinds, dump=args.dump, buffer=buffer_policy(args),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from tests.unit.formats.sample import ICMP, PLAIN_UDP6, SNAT_TCP, T0
+
 from conntrail.formats.jsonl import JsonFormat, record_document
 from conntrail.model import LossNotice
-from tests.unit.formats.sample import ICMP, PLAIN_UDP6, SNAT_TCP, T0
 
 
 def test_snat_destroy_as_ecs() -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from tests.unit.formats.sample import ICMP, PLAIN_UDP6, SNAT_TCP, T0
 
 from conntrail.errors import ConfigError
 from conntrail.formats.text import TextFormat
 from conntrail.model import LossNotice
-from tests.unit.formats.sample import ICMP, PLAIN_UDP6, SNAT_TCP, T0
 
 
 def test_default_line_with_nat_reply_and_counters() -> None:

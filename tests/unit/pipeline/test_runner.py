@@ -8,10 +8,10 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from tests.unit.formats.sample import ICMP, PLAIN_UDP6, SNAT_TCP
 
 from conntrail.model import FlowEvent, LossNotice, Record
 from conntrail.pipeline.runner import FullPolicy, Pipeline, QueuedSink
-from tests.unit.formats.sample import ICMP, PLAIN_UDP6, SNAT_TCP
 
 
 class ListSource:
