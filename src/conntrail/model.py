@@ -192,7 +192,7 @@ class Flow(NamedTuple):
     @property
     def nat_type(self) -> str:
         """'snat', 'dnat', 'both' or 'none', from the status bits."""
-        return _NAT_TYPES[self.status & _NAT_MASK]
+        return _NAT_TYPES[int(self.status) & _NAT_MASK]  # int: IntFlag & costs ~0.5 µs
 
     @property
     def state_name(self) -> str | None:
