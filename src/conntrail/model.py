@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
+AF_UNSPEC = 0  # in a dump request: every family
 AF_INET = 2
 AF_INET6 = 10
 

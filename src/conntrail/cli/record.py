@@ -15,6 +15,7 @@ from conntrail.cli.watch import _install_signals, _restore_signals
 from conntrail.errors import ConfigError
 from conntrail.kernel.netns import NetnsRef, resolve
 from conntrail.kernel.socket import NetlinkSocket
+from conntrail.model import AF_UNSPEC
 from conntrail.netlink.conntrack import DumpRequest, encode_dump_request
 from conntrail.recording import format_line, header_lines
 from conntrail.session import KernelSession, SessionOptions
@@ -91,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
         with NetlinkSocket(netns, groups, buffer_policy(args)) as sock:
             out.write(_header(args, netns))
             if args.dump:
-                for family in (2, 10):
-                    sock.send(encode_dump_request(DumpRequest(family, int(time.time()))))
+                # One AF_UNSPEC request dumps both families; a second request sent while the
+                # first dump runs would be refused with EBUSY.
+                sock.send(encode_dump_request(DumpRequest(AF_UNSPEC, int(time.time()))))
             _record(sock, out, stop, args.count, deadline)
     finally:
         out.close()

@@ -16,7 +16,7 @@ from conntrail.kernel.socket import (
     NetlinkSocket,
     kernel_drops,
 )
-from conntrail.model import AF_INET, AF_INET6, EventKind, FlowEvent, LossNotice, Record
+from conntrail.model import AF_UNSPEC, EventKind, FlowEvent, LossNotice, Record
 from conntrail.netlink.conntrack import Control, DumpRequest, decode_datagram, encode_dump_request
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,12 @@ class ConntrackSource:
         return self._events.fileno()
 
     def dump(self) -> list[Record]:
-        """Read the whole conntrack table (both families) on a separate socket."""
+        """Read the whole conntrack table (every family, one request) on a separate socket."""
         out: list[Record] = []
         with NetlinkSocket(self.netns, (), self.options.buffer) as sock:
-            for family in (AF_INET, AF_INET6):
-                self._seq += 1
-                sock.send(encode_dump_request(DumpRequest(family, self._seq)))
-                out.extend(self._read_dump(sock, self._seq))
+            self._seq += 1
+            sock.send(encode_dump_request(DumpRequest(AF_UNSPEC, self._seq)))
+            out.extend(self._read_dump(sock, self._seq))
         self.counters.dumped += len(out)
         return out
 
