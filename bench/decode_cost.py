@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from conntrail.formats.jsonl import JsonFormat  # noqa: E402
-from conntrail.formats.text import TextFormat  # noqa: E402
-from conntrail.model import FlowEvent  # noqa: E402
-from conntrail.netlink.conntrack import decode_datagram  # noqa: E402
-from conntrail.recording import parse_lines  # noqa: E402
+from conntrail.formats.jsonl import JsonFormat
+from conntrail.formats.text import TextFormat
+from conntrail.model import FlowEvent
+from conntrail.netlink.conntrack import decode_datagram
+from conntrail.recording import parse_lines
 
 
 def _load(path: Path) -> list[bytes]:

@@ -14,10 +14,10 @@ from conntrail.api import parse_kinds
 from conntrail.cli.common import add_kernel_options, apply_priority, buffer_policy
 from conntrail.errors import ConfigError
 from conntrail.formats.fields import ALIASES, FIELDS
-from conntrail.formats.jsonl import JsonFormat
-from conntrail.formats.text import DEFAULT_TEMPLATE, TextFormat
+from conntrail.formats.text import DEFAULT_TEMPLATE
 from conntrail.kernel.netns import resolve
 from conntrail.model import PROTO_NUMBERS, EventKind
+from conntrail.pipeline import registry
 from conntrail.pipeline.runner import Pipeline, QueuedSink
 from conntrail.pipeline.stages import Filter, Formatter, Source
 from conntrail.session import KernelSession, SessionOptions
@@ -122,8 +122,9 @@ def plan(args: argparse.Namespace) -> WatchPlan:
         from conntrail.filters.match import compile_filter
 
         filters.extend(compile_filter(text) for text in args.filter)
-    formatter: Formatter = JsonFormat() if args.json else TextFormat(args.format,
-                                                                     args.format_ts)
+    formatter: Formatter = (registry.load("format", "json", "--json")() if args.json else
+                            registry.load("format", "text", "--format")(args.format,
+                                                                        args.format_ts))
     options = ConntrackOptions(kinds, dump=args.dump, buffer=buffer_policy(args),
                                reliable=args.reliable)
     session = SessionOptions(accounting=not args.no_accounting, install_rule=not args.no_rules,
