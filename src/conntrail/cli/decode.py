@@ -15,10 +15,10 @@ from conntrail.pipeline.stages import Formatter
 from conntrail.recording import parse_line
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register `decode`."""
     parser = subparsers.add_parser(
-        "decode", help="decode a recording to JSON lines",
+        "decode", parents=parents, help="decode a recording to JSON lines",
         description="Decode a file written by `conntrail record` ('-' for stdin). Bad lines "
                     "are reported with their line number and byte offset, and skipped.")
     parser.add_argument("file", metavar="FILE")

@@ -23,9 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"conntrail {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output on stderr (-vv for debug)")
+    # -v is accepted after the subcommand too; SUPPRESS keeps the top-level count otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output on stderr (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
-        module.add_parser(subparsers)
+        module.add_parser(subparsers, [common])
     return parser
 
 

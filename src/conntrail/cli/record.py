@@ -22,10 +22,10 @@ from conntrail.session import KernelSession, SessionOptions
 from conntrail.sources.conntrack import _GROUPS
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register `record`."""
     parser = subparsers.add_parser(
-        "record", help="save raw conntrack datagrams to a .hex file",
+        "record", parents=parents, help="save raw conntrack datagrams to a .hex file",
         description="Save the raw netlink datagrams conntrack sends, one per line as "
                     "'<received_ns> <hex>', after a '#' comment header saying how they were "
                     "recorded. `conntrail decode` reads them back.")

@@ -46,9 +46,10 @@ def _fields_epilog() -> str:
     return "\n".join(lines)
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register `watch` and its options."""
-    parser = subparsers.add_parser("watch", help="stream conntrack events to stdout",
+    parser = subparsers.add_parser("watch", parents=parents,
+                                   help="stream conntrack events to stdout",
                                    description=DESCRIPTION, epilog=_fields_epilog(),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-p", "--proto", action="append", default=[], metavar="PROTO",
