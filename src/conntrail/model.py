@@ -184,6 +184,7 @@ class Flow(NamedTuple):
     stop_ns: int | None = None
     secctx: str | None = None
     helper: str | None = None
+    event_ns: int | None = None  # when the kernel emitted this event (CTA_TIMESTAMP_EVENT)
 
     @property
     def is_nat(self) -> bool:
@@ -232,13 +233,14 @@ class FlowEvent(NamedTuple):
 
     @property
     def time_ns(self) -> int:
-        """Best time of the event: the kernel's stop/start stamp when known, else receipt."""
+        """Best time of the event, from the kernel when it says: a DESTROY's flow stop, a NEW's
+        flow start, else the kernel's event stamp, else when we received it."""
         flow = self.flow
         if self.kind is EventKind.DESTROY and flow.stop_ns:
             return flow.stop_ns
         if self.kind is EventKind.NEW and flow.start_ns:
             return flow.start_ns
-        return self.received_ns
+        return flow.event_ns or self.received_ns
 
 
 @dataclass(frozen=True, slots=True)

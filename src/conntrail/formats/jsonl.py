@@ -140,7 +140,7 @@ def record_document(event: FlowEvent) -> dict[str, Any]:
     doc: dict[str, Any] = {"kind": event.kind.label, "netns": event.netns,
                            "received_ns": event.received_ns}
     for name in ("proto_state", "timeout", "mark", "zone", "ct_id", "use",
-                 "start_ns", "stop_ns", "secctx", "helper"):
+                 "start_ns", "stop_ns", "event_ns", "secctx", "helper"):
         doc[name] = getattr(flow, name)
     # 128-bit bitmap: hex text, as JSON integers stop at 64 bits in orjson (and 53 in JS).
     doc["labels"] = None if flow.labels is None else f"{flow.labels:#x}"

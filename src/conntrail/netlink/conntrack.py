@@ -27,6 +27,7 @@ from conntrail.model import (
     FlowEvent,
     FlowTuple,
 )
+from conntrail.netlink.template import Template, compile_template
 from conntrail.netlink.wire import (
     NFGENMSG,
     NFNETLINK_V0,
@@ -89,6 +90,7 @@ class CtAttr(enum.IntEnum):
     SYNPROXY = 24
     FILTER = 25
     STATUS_MASK = 26
+    TIMESTAMP_EVENT = 27  # newer than Debian 12's 6.1 uapi header; seen on 6.18 (be64 ns)
 
 
 class TupleAttr(enum.IntEnum):
@@ -409,7 +411,7 @@ _SCALARS: dict[int, tuple[int, int, Callable[[bytes, int], tuple[int]], str]] = 
     for attr, field, layout in (
         (CtAttr.STATUS, "status", _BE32), (CtAttr.TIMEOUT, "timeout", _BE32),
         (CtAttr.MARK, "mark", _BE32), (CtAttr.USE, "use", _BE32), (CtAttr.ID, "ct_id", _BE32),
-        (CtAttr.ZONE, "zone", _BE16),
+        (CtAttr.ZONE, "zone", _BE16), (CtAttr.TIMESTAMP_EVENT, "event_ns", _BE64),
     )
 }
 _A_TUPLE_ORIG, _A_TUPLE_REPLY = int(CtAttr.TUPLE_ORIG), int(CtAttr.TUPLE_REPLY)
@@ -494,6 +496,21 @@ def _event_kind(msg_type: int, flags: int, seq: int) -> EventKind:
 _NLMSGHDR_UNPACK = struct.Struct("=IHHII").unpack_from
 
 
+_TEMPLATES: dict[tuple[int, int], list[Template]] = {}
+_TEMPLATE_LIMIT = 512  # layouts are few in practice; the bound only stops hostile input
+_TEMPLATE_HELPERS: dict[str, object] = {"_v4": _ipv4, "_v6": _ipv6, "_status": _status}
+
+
+def _learn(data: bytes, start: int, end: int, key: tuple[int, int]) -> None:
+    """Compile a template for a layout the walker just decoded successfully."""
+    if len(_TEMPLATES) >= _TEMPLATE_LIMIT:
+        return
+    template = compile_template(bytes(data[start:end]), 0, end - start, _TEMPLATE_HELPERS)
+    candidates = _TEMPLATES.setdefault(key, [])
+    if template is not None and len(candidates) < 4:
+        candidates.append(template)
+
+
 def decode_datagram(data: bytes, netns: str = "",
                     received_ns: int = 0) -> list[FlowEvent | Control]:
     """Decode one received datagram: flow events and control messages, in order.
@@ -515,9 +532,17 @@ def decode_datagram(data: bytes, netns: str = "",
         if msg_type in (_TYPE_NEW, _TYPE_DELETE):
             if length < 20:
                 raise DecodeError(offset + 16, "truncated nfgenmsg", msg_type)
-            flow = decode_flow(data, offset + 20, end, msg_type)
             kind = _event_kind(msg_type, flags, seq)
-            out.append(_new(FlowEvent, (kind, flow, netns, received_ns)))
+            body = offset + 20
+            for template in _TEMPLATES.get((msg_type, length), ()):
+                if template.headers(data, body) == template.signature:
+                    out.append(template.build(template.values(data, body), kind, netns,
+                                              received_ns))
+                    break
+            else:
+                flow = decode_flow(data, body, end, msg_type)
+                out.append(_new(FlowEvent, (kind, flow, netns, received_ns)))
+                _learn(data, body, end, (msg_type, length))
         elif msg_type < 16:
             header = MessageHeader(msg_type, flags, seq, pid, offset + 16, end)
             control = _decode_control(data, header)
