@@ -201,13 +201,7 @@ class Flow(NamedTuple):
         """The protocol state's name (TCP, SCTP or DCCP), or None for stateless protocols."""
         if self.proto_state is None:
             return None
-        enum_type = _STATE_ENUMS.get(self.orig.proto)
-        if enum_type is None:
-            return str(self.proto_state)
-        try:
-            return enum_type(self.proto_state).name
-        except ValueError:
-            return str(self.proto_state)
+        return state_name(self.orig.proto, self.proto_state)
 
     @property
     def duration_ns(self) -> int | None:
@@ -221,6 +215,23 @@ _NAT_MASK = int(CtStatus.SRC_NAT | CtStatus.DST_NAT)
 _NAT_TYPES = {0: "none", int(CtStatus.SRC_NAT): "snat", int(CtStatus.DST_NAT): "dnat",
               _NAT_MASK: "both"}
 _STATE_ENUMS: dict[int, type[enum.IntEnum]] = {6: TcpState, 132: SctpState, 33: DccpState}
+
+
+_STATE_NAMES: dict[tuple[int, int], str] = {}
+
+
+def state_name(proto: int, state: int) -> str:
+    """Name of a protocol state, cached (an enum lookup costs ~0.4 µs, a dict hit ~0.05)."""
+    name = _STATE_NAMES.get((proto, state))
+    if name is None:
+        enum_type = _STATE_ENUMS.get(proto)
+        try:
+            name = enum_type(state).name if enum_type is not None else str(state)
+        except ValueError:
+            name = str(state)
+        if len(_STATE_NAMES) < 4096:
+            _STATE_NAMES[(proto, state)] = name
+    return name
 
 
 class FlowEvent(NamedTuple):

@@ -32,6 +32,7 @@ _ECS_TRANSPORT = {58: "ipv6-icmp"}
 
 
 _NETWORK_CACHE: dict[tuple[int, int], dict[str, str]] = {}
+_CATEGORY = ["network"]  # shared, never mutated: only serialised
 _ACTIONS = {kind: (kind.label, _EVENT_TYPES[kind.label]) for kind in EventKind}
 
 
@@ -56,7 +57,7 @@ def _endpoint(address: str, port: int | None, counters: Counters | None) -> dict
 
 def _event_doc(kind: EventKind, flow: Flow) -> dict[str, Any]:
     action, types = _ACTIONS[kind]
-    doc: dict[str, Any] = {"kind": "event", "category": ["network"], "type": types,
+    doc: dict[str, Any] = {"kind": "event", "category": _CATEGORY, "type": types,
                            "action": action}
     if flow.start_ns:
         doc["start"] = iso_utc(flow.start_ns)

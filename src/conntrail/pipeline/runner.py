@@ -16,11 +16,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from conntrail.model import FlowEvent, Record
+from conntrail.model import FlowEvent, LossNotice, Record
 from conntrail.pipeline.stages import Enricher, Filter, Sink, Source
 
 log = logging.getLogger(__name__)
 _STOP = None
+
+
+def _is_notice(record: Record) -> bool:
+    return type(record) is LossNotice
 
 
 class FullPolicy(enum.Enum):
@@ -123,6 +127,28 @@ class Pipeline:
 
     def process(self, records: list[Record]) -> list[Record]:
         """Enrich and filter one batch; notices pass untouched."""
+        if not self.enrichers and not self.filters and not any(
+                map(_is_notice, records)):
+            # The common case (`watch` without filters): a per-event Python loop here costs
+            # ~1 µs per event, the C-level scan above ~0.03 µs.
+            self.counters.events += len(records)
+            return records
+        if not self.enrichers and len(self.filters) == 1:
+            return self._filter_only(records, self.filters[0])
+        return self._process_each(records)
+
+    def _filter_only(self, records: list[Record], keep: Filter) -> list[Record]:
+        try:
+            out = [r for r in records if not isinstance(r, FlowEvent) or keep(r)]
+        except Exception:  # a failing stage is counted, never fatal: redo event by event
+            return self._process_each(records)
+        notices = sum(map(_is_notice, records))
+        self.counters.notices += notices
+        self.counters.events += len(records) - notices
+        self.counters.filtered += len(records) - len(out)
+        return out
+
+    def _process_each(self, records: list[Record]) -> list[Record]:
         out: list[Record] = []
         for record in records:
             if not isinstance(record, FlowEvent):

@@ -29,6 +29,10 @@ _GROUPS = {
 DUMP_TIMEOUT_S = 30.0
 
 
+def _is_event(item: FlowEvent | Control) -> bool:
+    return type(item) is FlowEvent
+
+
 @dataclass(frozen=True, slots=True)
 class ConntrackOptions:
     """What to listen to and how: event kinds, start-up dump, buffer policy, reliability."""
@@ -122,13 +126,16 @@ class ConntrackSource:
         """Drain the socket: decoded events, and a loss notice plus resync after ENOBUFS."""
         sock = self._events
         assert sock is not None, "start() first"
-        out, self._pending = self._pending, []
+        decoded: list[FlowEvent | Control] = []
         now = time.time_ns()
         for datagram in sock.recv_batch(self.options.batch):
-            for item in self._decode(datagram, now):
-                if isinstance(item, FlowEvent):
-                    out.append(item)
-        self.counters.received += len(out)
+            decoded += self._decode(datagram, now)
+        if not all(map(_is_event, decoded)):  # acks/errors on the event socket: rare
+            decoded = [item for item in decoded if type(item) is FlowEvent]
+        self.counters.received += len(decoded)
+        out: list[Record] = self._pending
+        self._pending = []
+        out += decoded  # type: ignore[arg-type]  # only FlowEvents are left
         if sock.take_overflow():
             out.extend(self._recover(sock, now))
         return out
