@@ -29,8 +29,8 @@ def add_kernel_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--netns", action="append", default=[], metavar="NAME",
                         help="network namespace: a name under /run/netns or a path "
                              "(repeat for several; default: the current one)")
-    parser.add_argument("--buffer", default="8M", metavar="SIZE",
-                        help="netlink receive buffer at start (default 8M)")
+    parser.add_argument("--buffer", default="32M", metavar="SIZE",
+                        help="netlink receive buffer at start (default 32M)")
     parser.add_argument("--buffer-max", default="128M", metavar="SIZE",
                         help="largest size the buffer grows to after losses (default 128M)")
     parser.add_argument("--no-rules", action="store_true",

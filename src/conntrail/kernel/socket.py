@@ -36,7 +36,9 @@ RECV_SIZE = 1 << 17  # one datagram; the kernel batches several events per skb u
 class BufferPolicy:
     """Receive buffer sizing: start size and the ceiling that ENOBUFS growth may reach."""
 
-    initial: int = 8 << 20
+    # ~1,300 bytes of buffer per queued event: 32 MiB absorbs a 25k-event backlog, 128 MiB a
+    # 100k one (a table flush). Memory is only used while we are behind.
+    initial: int = 32 << 20
     maximum: int = 128 << 20
 
 

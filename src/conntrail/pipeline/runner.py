@@ -123,7 +123,11 @@ class Pipeline:
     enrichers: list[Enricher] = field(default_factory=list)
     filters: list[Filter] = field(default_factory=list)
     counters: RunCounters = field(default_factory=RunCounters)
-    idle_sleep: float = 0.0005
+    # After a partial batch, wait this long before reading again so the next wake-up finds
+    # many events: per-wake costs (select, the drain's EAGAIN, queue hand-off, write) then
+    # spread over ~50 events at 10k/s instead of ~10. After a full batch, read at once.
+    idle_sleep: float = 0.005
+    full_batch: int = 256
 
     def process(self, records: list[Record]) -> list[Record]:
         """Enrich and filter one batch; notices pass untouched."""
@@ -191,12 +195,14 @@ class Pipeline:
         fds = {source.fileno(): source for source in self.sources}
         while not stop.is_set() and not self._all_sinks_failed():
             readable, _, _ = select.select(list(fds), [], [], 0.2)
+            busy = False
             for fd in readable:
-                self.deliver(self.process(fds[fd].read()))
+                records = fds[fd].read()
+                busy = busy or len(records) >= self.full_batch
+                self.deliver(self.process(records))
             if max_events is not None and self.counters.events >= max_events:
                 return
-            if readable and self.idle_sleep:
-                # Let the kernel queue a few more events: one wake-up per batch, not per event.
+            if readable and not busy and self.idle_sleep:
                 time.sleep(self.idle_sleep)
 
     def _all_sinks_failed(self) -> bool:

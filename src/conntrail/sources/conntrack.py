@@ -68,6 +68,7 @@ class ConntrackSource:
         self._pending: list[Record] = []
         self._seq = int(time.time())
         self._drops_seen = 0
+        self._resync_due = False
 
     def start(self) -> None:
         """Subscribe first, then dump: a flow can appear twice, but none is missed."""
@@ -128,7 +129,8 @@ class ConntrackSource:
         assert sock is not None, "start() first"
         decoded: list[FlowEvent | Control] = []
         now = time.time_ns()
-        for datagram in sock.recv_batch(self.options.batch):
+        datagrams = sock.recv_batch(self.options.batch)
+        for datagram in datagrams:
             decoded += self._decode(datagram, now)
         if not all(map(_is_event, decoded)):  # acks/errors on the event socket: rare
             decoded = [item for item in decoded if type(item) is FlowEvent]
@@ -137,11 +139,17 @@ class ConntrackSource:
         self._pending = []
         out += decoded  # type: ignore[arg-type]  # only FlowEvents are left
         if sock.take_overflow():
-            out.extend(self._recover(sock, now))
+            out.append(self._overflowed(sock, now))
+        if self._resync_due and len(datagrams) < self.options.batch:
+            # Re-read the table only once the backlog is drained: dumping in the middle of
+            # the burst that overflowed us would take the CPU the backlog needs.
+            self._resync_due = False
+            self.counters.resyncs += 1
+            out.extend(self.dump())
         return out
 
-    def _recover(self, sock: NetlinkSocket, now: int) -> list[Record]:
-        """After ENOBUFS: count what was lost, grow the buffer, re-read the table."""
+    def _overflowed(self, sock: NetlinkSocket, now: int) -> LossNotice:
+        """After ENOBUFS: count what was lost, grow the buffer, schedule a resync dump."""
         self.counters.enobufs += 1
         drops = kernel_drops(sock)
         lost = None
@@ -151,9 +159,8 @@ class ConntrackSource:
         log.error("%s: kernel dropped %s events (receive buffer full); resyncing",
                   self.name, "some" if lost is None else lost)
         sock.grow_buffer()
-        notice = LossNotice(self.netns.name, "enobufs", lost, now)
-        self.counters.resyncs += 1
-        return [notice, *self.dump()]
+        self._resync_due = True
+        return LossNotice(self.netns.name, "enobufs", lost, now)
 
     def stats(self) -> dict[str, int]:
         """Counters, plus the kernel's own drop count for the socket when readable."""
