@@ -144,7 +144,7 @@ class Pipeline:
     def _filter_only(self, records: list[Record], keep: Filter) -> list[Record]:
         try:
             out = [r for r in records if not isinstance(r, FlowEvent) or keep(r)]
-        except Exception:  # a failing stage is counted, never fatal: redo event by event
+        except Exception:  # noqa: BLE001 - redone event by event below, which counts and logs
             return self._process_each(records)
         notices = sum(map(_is_notice, records))
         self.counters.notices += notices
