@@ -189,7 +189,7 @@ class Flow(NamedTuple):
     @property
     def is_nat(self) -> bool:
         """True when source or destination NAT applies to this flow."""
-        return bool(self.status & (CtStatus.SRC_NAT | CtStatus.DST_NAT))
+        return bool(int(self.status) & _NAT_MASK)  # int: IntFlag operators cost ~0.5 µs
 
     @property
     def nat_type(self) -> str:

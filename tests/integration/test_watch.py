@@ -86,3 +86,18 @@ def test_text_line_shows_reply_tuple_under_nat(nat_topology: NatTopology) -> Non
     (line,) = list(watch_lines(watch))
     assert f"ipv4/icmp {topo.client_v4} > {topo.server_v4} type=8" in line
     assert f"snat reply {topo.server_v4} > {topo.router_outside_v4}" in line
+
+
+def test_several_namespaces_at_once(netns_factory: NetnsFactory) -> None:
+    first, second = netns_factory.new("a"), netns_factory.new("b")
+    watch = start_watch("watch", "--json", "-e", "new", "--netns", first.name,
+                        "--netns", f"/run/netns/{second.name}")
+    try:
+        udp_exchange(first, "127.0.0.1", 5401)
+        udp_exchange(second, "127.0.0.1", 5402)
+    finally:
+        watch.stop()
+    seen = {(doc["conntrail"]["netns"], doc["destination"]["port"])
+            for doc in _events(watch.stdout)}
+    assert seen == {(first.name, 5401), (f"/run/netns/{second.name}", 5402)}
+    assert "table inet conntrail" not in first.tables() + second.tables()

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import time
 
-_last_second = -1
-_last_prefix = ""
+_PREFIXES: dict[int, str] = {}
 
 
 def iso_utc(ns: int) -> str:
     """RFC 3339 UTC with microseconds, e.g. 2026-11-22T01:55:21.123456Z.
 
-    The date part is cached per second: events arrive in bursts within the same second, and
-    strftime+gmtime cost more than the rest of a JSON line.
+    The date part is cached per second: a DESTROY carries its start, stop and receipt times,
+    a few distinct seconds that recur for many events, and strftime+gmtime cost more than
+    the rest of a JSON line.
     """
-    global _last_second, _last_prefix  # noqa: PLW0603 - a one-entry cache
     seconds, rest = divmod(ns, 1_000_000_000)
-    if seconds != _last_second:
-        _last_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _last_second = seconds
-    return f"{_last_prefix}.{rest // 1000:06d}Z"
+    prefix = _PREFIXES.get(seconds)
+    if prefix is None:
+        if len(_PREFIXES) >= 4096:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{prefix}.{rest // 1000:06d}Z"
 
 
 def render(ns: int, spec: str) -> str:
