@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from conntrail.errors import ConfigError
 from conntrail.kernel.socket import BufferPolicy
@@ -48,6 +49,14 @@ def buffer_policy(args: argparse.Namespace) -> BufferPolicy:
     initial = parse_size(args.buffer, "--buffer")
     maximum = max(initial, parse_size(args.buffer_max, "--buffer-max"))
     return BufferPolicy(initial, maximum)
+
+
+def silence_stdout() -> None:
+    """After the reader of our stdout went away (`| head`): point fd 1 at /dev/null so the
+    interpreter's final flush does not print a BrokenPipeError of its own."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def apply_priority(nice: int | None, realtime: int | None) -> None:

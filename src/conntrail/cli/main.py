@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from conntrail import __version__
 from conntrail.cli import decode, record, watch
+from conntrail.cli.common import silence_stdout
 from conntrail.errors import ConntrailError
 
 SUBCOMMANDS = (watch, record, decode)
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConntrailError as exc:
         print(f"conntrail: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        silence_stdout()  # the reader of our output left: not an error
+        return 0
     except PermissionError as exc:
         print(f"conntrail: error: {exc.strerror}: run as root or with CAP_NET_ADMIN",
               file=sys.stderr)

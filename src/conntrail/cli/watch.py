@@ -11,7 +11,12 @@ from types import FrameType
 from typing import Any
 
 from conntrail.api import parse_kinds
-from conntrail.cli.common import add_kernel_options, apply_priority, buffer_policy
+from conntrail.cli.common import (
+    add_kernel_options,
+    apply_priority,
+    buffer_policy,
+    silence_stdout,
+)
 from conntrail.errors import ConfigError
 from conntrail.formats.fields import ALIASES, FIELDS
 from conntrail.formats.text import DEFAULT_TEMPLATE
@@ -167,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         pipeline.shutdown()
         session.close()
         _restore_signals(previous)
+    if sink.failed.is_set():
+        silence_stdout()
     _print_summary(pipeline, stats, sink)
     return 0
 

@@ -55,3 +55,24 @@ def test_decode_reports_bad_lines_and_keeps_good_ones(
     assert len(captured.out.splitlines()) == 2
     assert f"{path}:3: recording line is not '<ns> <hex>'" in captured.err
     assert f"{path}:4: nlmsghdr length 148 invalid, 30 left at offset 0" in captured.err
+
+
+def test_closed_pipe_is_not_an_error(tmp_path: pytest.TempPathFactory) -> None:
+    """`conntrail decode big.hex | head -1`: exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = Path(__file__).resolve().parents[2] / "data" / "conntrack"
+    big = Path(str(tmp_path)) / "big.hex"
+    big.write_text("".join(path.read_text() for path in sorted(corpus.glob("*.hex"))) * 20)
+    src = str(Path(__file__).resolve().parents[3] / "src")
+    proc = subprocess.Popen([sys.executable, "-m", "conntrail", "decode", str(big)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PYTHONPATH": src})
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b'{"@timestamp"')
+    proc.stdout.close()
+    assert proc.wait(30) == 0
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
