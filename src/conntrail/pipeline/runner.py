@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from conntrail.model import FlowEvent, LossNotice, Record
 from conntrail.pipeline.stages import Enricher, Filter, Sink, Source
@@ -52,7 +53,8 @@ class QueuedSink:
         self.policy = policy
         self.counters = SinkCounters()
         self.failed = threading.Event()
-        self._queue: queue.Queue[Sequence[Record] | None] = queue.Queue(capacity)
+        # (events in the batch, encoded payload)
+        self._queue: queue.Queue[tuple[int, Any] | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._drain, name=f"sink:{sink.name}",
                                         daemon=True)
 
@@ -62,15 +64,22 @@ class QueuedSink:
         self._thread.start()
 
     def offer(self, batch: Sequence[Record]) -> None:
-        """Queue a batch according to the full-queue policy."""
+        """Encode a batch and queue it according to the full-queue policy."""
         if self.failed.is_set():
             self.counters.dropped += len(batch)
             return
+        try:
+            item = (len(batch), self.sink.encode(batch))
+        except Exception:  # a failing sink must never kill the daemon
+            self.counters.errors += 1
+            self.counters.dropped += len(batch)
+            log.exception("sink %s failed to encode a batch", self.sink.name)
+            return
         if self.policy is FullPolicy.BLOCK:
-            self._queue.put(batch)
+            self._queue.put(item)
             return
         try:
-            self._queue.put_nowait(batch)
+            self._queue.put_nowait(item)
         except queue.Full:
             self.counters.dropped += len(batch)
 
@@ -80,18 +89,19 @@ class QueuedSink:
 
     def _drain(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is _STOP:
+            item = self._queue.get()
+            if item is _STOP:
                 return
+            count, payload = item
             try:
-                self.sink.write(batch)
-                self.counters.written += len(batch)
+                self.sink.write(payload)
+                self.counters.written += count
             except BrokenPipeError:
-                self.counters.dropped += len(batch)
+                self.counters.dropped += count
                 self.failed.set()
             except Exception:  # a failing sink must never kill the daemon
                 self.counters.errors += 1
-                self.counters.dropped += len(batch)
+                self.counters.dropped += count
                 log.exception("sink %s failed to write a batch", self.sink.name)
 
     def stop(self, deadline: float) -> None:

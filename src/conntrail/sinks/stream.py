@@ -21,10 +21,14 @@ class StreamSink:
     def open(self) -> None:
         """Nothing to acquire: the stream is already open."""
 
-    def write(self, batch: Sequence[Record]) -> None:
-        """Format and write the batch; a closed pipe raises BrokenPipeError to the runner."""
+    def encode(self, batch: Sequence[Record]) -> bytes:
+        """The batch's lines as one bytes object."""
         fmt = self._format
-        self._stream.write(b"".join([fmt(record) for record in batch]))
+        return b"".join([fmt(record) for record in batch])
+
+    def write(self, payload: bytes) -> None:
+        """Write and flush; a closed pipe raises BrokenPipeError to the runner."""
+        self._stream.write(payload)
         self._stream.flush()
 
     def close(self) -> None:

@@ -59,12 +59,15 @@ class CollectSink:
     def open(self) -> None:
         """Nothing to open."""
 
-    def write(self, batch: Sequence[Record]) -> None:
+    def encode(self, batch: Sequence[Record]) -> list[Record]:
+        return list(batch)
+
+    def write(self, payload: list[Record]) -> None:
         if self.gate is not None:
             self.gate.wait(5)
         if self.fail:
             raise OSError("disk full")
-        self.records.extend(batch)
+        self.records.extend(payload)
 
     def close(self) -> None:
         self.closed = True
@@ -130,3 +133,15 @@ def test_drop_policy_counts_every_dropped_event() -> None:
     queued.stop(time.monotonic() + 5)
     assert queued.counters.written + queued.counters.dropped == 10
     assert queued.counters.dropped >= 6  # one batch in the writer, one queued, rest dropped
+
+
+def test_failing_encode_is_counted_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    class BadEncoder(CollectSink):
+        def encode(self, batch: Sequence[Record]) -> list[Record]:
+            raise ValueError("cannot format")
+
+    bad = QueuedSink(BadEncoder("bad"))
+    good = CollectSink("good")
+    _run(Pipeline([ListSource([[ICMP]])], [bad, QueuedSink(good)]), 1)
+    assert bad.counters.errors == 1 and bad.counters.dropped == 1 and good.records == [ICMP]
+    assert "sink bad failed to encode" in caplog.text
