@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from tests.integration.netenv import NetnsFactory, run_cli, start_watch
+from tests.integration.netenv import SRC, NetnsFactory, run_cli, start_watch
 from tests.integration.traffic import udp_burst, udp_exchange
 
 CT_RULE = """
@@ -104,18 +108,11 @@ def test_record_then_decode(netns_factory: NetnsFactory, tmp_path: Path) -> None
     ns = netns_factory.new("host")
     recording = tmp_path / "udp.hex"
     ns.nft(CT_RULE)
-    import subprocess
-    import sys
-
-    from tests.integration.netenv import SRC
-
     proc = subprocess.Popen([sys.executable, "-m", "conntrail", "record", "--netns", ns.name,
                              "-o", str(recording), "-c", "2", "-t", "10",
                              "--comment", "one UDP exchange on loopback"],
                             env={"PYTHONPATH": SRC, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    import time
-
-    time.sleep(1.0)
+    time.sleep(1.0)  # record prints nothing when subscribed: give it time
     sport = udp_exchange(ns, "127.0.0.1", 4003)
     assert proc.wait(15) == 0
     text = recording.read_text()
@@ -126,3 +123,16 @@ def test_record_then_decode(netns_factory: NetnsFactory, tmp_path: Path) -> None
     docs = [json.loads(line) for line in decoded.stdout.splitlines()]
     assert [doc["event"]["action"] for doc in docs] == ["new", "update"]
     assert docs[0]["source"]["port"] == sport
+
+
+def test_priority_options_apply(netns_factory: NetnsFactory) -> None:
+    ns = netns_factory.new("host")
+    watch = start_watch("watch", "--netns", ns.name, "--realtime", "5", "--nice", "-3")
+    try:
+        pid = watch.proc.pid
+        assert os.sched_getscheduler(pid) == os.SCHED_FIFO
+        assert os.sched_getparam(pid).sched_priority == 5
+        assert os.getpriority(os.PRIO_PROCESS, pid) == -3
+    finally:
+        watch.stop()
+    assert watch.proc.returncode == 0
