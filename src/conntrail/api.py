@@ -27,10 +27,13 @@ def parse_kinds(kinds: Iterable[str]) -> frozenset[EventKind]:
     out = set()
     for name in kinds:
         try:
-            out.add(EventKind[name.strip().upper()])
+            kind = EventKind[name.strip().upper()]
         except KeyError:
-            raise ConfigError("events", f"unknown event kind {name!r}; "
+            raise ConfigError("--events", f"unknown event kind {name!r}; "
                               "use new, update, destroy") from None
+        if kind is EventKind.DUMP:
+            raise ConfigError("--events", "use --dump to show existing flows")
+        out.add(kind)
     return frozenset(out)
 
 
@@ -47,9 +50,13 @@ class Listener:
 
     def open(self) -> Listener:
         """Prepare the namespace and subscribe."""
-        if self._session is not None:
-            self._session.prepare(self._netns)
-        self._source.start()
+        try:
+            if self._session is not None:
+                self._session.prepare(self._netns)
+            self._source.start()
+        except BaseException:
+            self.close()  # undo a half-done open: no table left behind
+            raise
         return self
 
     def fileno(self) -> int:

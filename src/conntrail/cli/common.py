@@ -9,6 +9,7 @@ import sys
 from conntrail.errors import ConfigError
 from conntrail.kernel.socket import BufferPolicy
 
+MAX_BUFFER = 1 << 30  # the kernel caps socket buffers at INT_MAX / 2
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -22,6 +23,8 @@ def parse_size(text: str, option: str) -> int:
         raise ConfigError(option, f"not a size: {text!r} (e.g. 8M, 512k)") from None
     if value <= 0:
         raise ConfigError(option, f"size must be positive: {text!r}")
+    if value > MAX_BUFFER:
+        raise ConfigError(option, f"at most 1G (the kernel's ceiling): {text!r}")
     return value
 
 

@@ -36,7 +36,8 @@ def _open_input(path: str) -> TextIO:
     if path == "-":
         return sys.stdin
     try:
-        return open(path, encoding="ascii")
+        # errors="replace": a non-ASCII line becomes a bad line, reported and skipped.
+        return open(path, encoding="ascii", errors="replace")
     except OSError as exc:
         raise ConfigError("FILE", f"{path}: {exc.strerror}") from exc
 

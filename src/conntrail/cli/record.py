@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if len(args.netns) > 1:
         raise ConfigError("--netns", "record takes one namespace")
     kinds = parse_kinds(args.events.split(","))
+    for option, value in (("--count", args.count), ("--duration", args.duration)):
+        if value is not None and value <= 0:
+            raise ConfigError(option, "must be a positive number")
     netns = resolve(args.netns[0] if args.netns else "")
     session = KernelSession(SessionOptions(not args.no_accounting, not args.no_rules,
                                            args.keep_rules))

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -76,7 +77,7 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     dump.add_argument("--no-dump", dest="dump", action="store_false",
                       help="do not print existing flows (default)")
     parser.add_argument("-c", "--count", type=int, metavar="N",
-                        help="exit after N events (before filtering)")
+                        help="exit after printing N events")
     parser.add_argument("--reliable", action="store_true",
                         help="ask for reliable delivery (NETLINK_BROADCAST_ERROR)")
     parser.add_argument("--nice", type=int, metavar="N",
@@ -118,8 +119,6 @@ class WatchPlan:
 def plan(args: argparse.Namespace) -> WatchPlan:
     """Validate every option into a WatchPlan; errors name the option."""
     kinds = parse_kinds(args.events.split(","))
-    if EventKind.DUMP in kinds:
-        raise ConfigError("--events", "use --dump to show existing flows")
     filters: list[Filter] = []
     protocols = parse_protocols(args.proto)
     if protocols:
@@ -159,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     sources: list[Source] = []
     sink = QueuedSink(StreamSink("stdout", sys.stdout.buffer, watch_plan.formatter))
     pipeline = Pipeline(sources, [sink], filters=watch_plan.filters)
-    previous = _install_signals(stop)
+    previous = _install_signals(stop, pipeline.request_stop)
     try:
         for netns in namespaces:
             session.prepare(netns)
@@ -169,18 +168,23 @@ def run(args: argparse.Namespace) -> int:
         pipeline.run(stop, args.count)
     finally:
         stats = [source.stats() for source in sources]
-        pipeline.shutdown()
-        session.close()
-        _restore_signals(previous)
+        try:
+            pipeline.shutdown()
+        finally:
+            session.close()
+            _restore_signals(previous)
     if sink.failed.is_set():
         silence_stdout()
     _print_summary(pipeline, stats, sink)
     return 0
 
 
-def _install_signals(stop: threading.Event) -> dict[int, Any]:
+def _install_signals(stop: threading.Event,
+                     also: Callable[[], None] | None = None) -> dict[int, Any]:
     def handler(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
+        if also is not None:
+            also()
 
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 

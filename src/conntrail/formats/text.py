@@ -8,7 +8,17 @@ from collections.abc import Callable
 from conntrail.errors import ConfigError
 from conntrail.formats import timefmt
 from conntrail.formats.fields import ALIASES, FIELDS
-from conntrail.model import FlowEvent, LossNotice, Record
+from conntrail.model import (
+    AF_INET,
+    AF_INET6,
+    Counters,
+    EventKind,
+    Flow,
+    FlowEvent,
+    FlowTuple,
+    LossNotice,
+    Record,
+)
 
 DEFAULT_TEMPLATE = "{ts}: {family_proto} {orig} :: {event}{details}"
 DEFAULT_TS = "iso"
@@ -46,7 +56,34 @@ def compile_template(template: str, ts_format: str = DEFAULT_TS) -> Callable[[Fl
         if name is not None:
             pieces.append(_field_piece(name, spec or "", conversion, ts_format))
     _check_ts(ts_format)
-    return lambda event: "".join([piece(event) for piece in pieces])
+
+    def line(event: FlowEvent) -> str:
+        return "".join([piece(event) for piece in pieces])
+
+    _check_renders(line)
+    return line
+
+
+def _check_renders(line: Callable[[FlowEvent], str]) -> None:
+    """Render sample events now, so a bad format spec (`{sport:d}` meets an ICMP flow's
+    missing port) is a ConfigError at start, not a failure on live traffic."""
+    for sample in _SAMPLES:
+        try:
+            line(sample)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError("--format", f"cannot render a {sample.flow.orig.proto_name} "
+                              f"flow: {exc}") from exc
+
+
+_SAMPLES = (
+    FlowEvent(EventKind.NEW, Flow(orig=FlowTuple(AF_INET, 1, "198.18.0.1", "198.18.0.2",
+                                                 icmp_type=8, icmp_code=0, icmp_id=1))),
+    FlowEvent(EventKind.DESTROY, Flow(
+        orig=FlowTuple(AF_INET6, 6, "::", "::", 1, 2),
+        reply=FlowTuple(AF_INET6, 6, "::", "::", 2, 1),
+        proto_state=3, mark=1, zone=1, labels=1, ct_id=1, timeout=1, start_ns=1, stop_ns=2,
+        counters_orig=Counters(1, 1), counters_reply=Counters(1, 1)), "ns", 1),
+)
 
 
 def _check_ts(ts_format: str) -> None:

@@ -66,10 +66,11 @@ def entered(ref: NetnsRef) -> Iterator[None]:
     if ref.path is None:
         yield
         return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         target = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
+        os.close(home)
         raise KernelError(f"network namespace {ref.name!r}: {exc.strerror}") from exc
     try:
         try:

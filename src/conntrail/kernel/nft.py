@@ -36,7 +36,10 @@ table {TABLE_FAMILY} {TABLE_NAME} {{
 # Expressions that only work with conntrack: finding one means the namespace already tracks.
 _CONNTRACK_USERS = frozenset({"ct", "snat", "dnat", "masquerade", "redirect", "flow",
                               "ct helper", "ct timeout", "ct expectation", "synproxy"})
-_XT_CONNTRACK_MATCHES = frozenset({"conntrack", "state", "connmark", "CONNMARK", "helper"})
+_XT_CONNTRACK_MATCHES = frozenset({"conntrack", "state", "connmark", "CONNMARK", "helper",
+                                   "connlimit", "connbytes", "CT"})
+# Conntrack hooks are registered per family: an `ip` rule tracks IPv4 only.
+_FAMILIES_COVERED = {"ip": {"ip"}, "ip6": {"ip6"}, "inet": {"ip", "ip6"}}
 
 
 def run_nft(args: list[str], netns: NetnsRef, stdin: str | None = None) -> str:
@@ -65,19 +68,32 @@ def _walk(node: Any) -> Iterator[tuple[str, Any]]:
             yield from _walk(item)
 
 
-def ruleset_uses_conntrack(ruleset: dict[str, Any]) -> bool:
-    """True when any rule in an `nft -j list ruleset` document depends on conntrack."""
+def _rule_uses_conntrack(rule: dict[str, Any]) -> bool:
+    for key, value in _walk(rule.get("expr", [])):
+        if key in _CONNTRACK_USERS:
+            return True
+        if key == "xt" and isinstance(value, dict) and value.get("name") in \
+                _XT_CONNTRACK_MATCHES:
+            return True
+    return False
+
+
+def tracked_families(ruleset: dict[str, Any]) -> set[str]:
+    """Which of 'ip'/'ip6' some rule of an `nft -j list ruleset` document keeps tracked.
+
+    Bridge, netdev and arp rules do not count: they do not register the IP hooks.
+    """
+    covered: set[str] = set()
     for entry in ruleset.get("nftables", []):
         rule = entry.get("rule") if isinstance(entry, dict) else None
-        if rule is None:
-            continue
-        for key, value in _walk(rule.get("expr", [])):
-            if key in _CONNTRACK_USERS:
-                return True
-            if key == "xt" and isinstance(value, dict) and value.get("name") in \
-                    _XT_CONNTRACK_MATCHES:
-                return True
-    return False
+        if rule is not None and _rule_uses_conntrack(rule):
+            covered |= _FAMILIES_COVERED.get(rule.get("family", ""), set())
+    return covered
+
+
+def ruleset_uses_conntrack(ruleset: dict[str, Any]) -> bool:
+    """True when rules keep conntrack active for both IPv4 and IPv6."""
+    return tracked_families(ruleset) == {"ip", "ip6"}
 
 
 def list_ruleset(netns: NetnsRef) -> dict[str, Any]:

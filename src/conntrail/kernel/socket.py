@@ -49,8 +49,8 @@ class NetlinkSocket:
                  buffer: BufferPolicy | None = None) -> None:
         self.netns = netns
         self.buffer = buffer or BufferPolicy()
-        self.enobufs = 0
         self.overflowed = False
+        self.drained = False  # the last recv_batch ended because the queue was empty
         with entered(netns):
             try:
                 self._sock = socket.socket(socket.AF_NETLINK,
@@ -100,22 +100,23 @@ class NetlinkSocket:
     def recv_batch(self, max_datagrams: int = 64) -> list[bytes]:
         """Drain up to `max_datagrams` without blocking.
 
-        ENOBUFS (the kernel dropped events for us) is counted in `enobufs` and flagged in
+        ENOBUFS (the kernel dropped events for us) is flagged in
         `overflowed`, never raised: the caller grows the buffer and resyncs.
         """
         out: list[bytes] = []
         recv = self._sock.recv
+        self.drained = False
         for _ in range(max_datagrams):
             try:
                 out.append(recv(RECV_SIZE))
             except BlockingIOError:
+                self.drained = True
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     raise KernelError(f"netlink receive: {exc.strerror}") from exc
-                self.enobufs += 1
+                # Reported before the queued data, not after: keep reading the backlog.
                 self.overflowed = True
-                break
         return out
 
     def take_overflow(self) -> bool:
@@ -144,7 +145,8 @@ def kernel_drops(sock: NetlinkSocket) -> int | None:
     portid = sock.portid
     with entered(sock.netns):
         try:
-            with open("/proc/net/netlink", encoding="ascii") as handle:
+            # thread-self: /proc/net follows the main thread's namespace, not ours.
+            with open("/proc/thread-self/net/netlink", encoding="ascii") as handle:
                 lines = handle.read().splitlines()[1:]
         except OSError:
             return None

@@ -106,6 +106,8 @@ def _walk(data: bytes, start: int, end: int, members: Mapping[int, object],
         if spec is _UNMODELLED:
             raise _NotModelledError
         if isinstance(spec, _Nest) and not path:
+            if spec.name in layout.nests:
+                raise _NotModelledError  # a repeated nest: the walker's rules decide
             layout.nests.add(spec.name)
         _payload(data, offset + 4, offset + length, padded - length, spec, path, layout)
         offset += padded
@@ -124,6 +126,9 @@ def _payload(data: bytes, start: int, end: int, pad: int, spec: object, path: st
         layout.native.append(f"{size + pad}x")
         layout.big.append(f"{spec.code}{size - need + pad}x")
         name = path + spec.name
+        if name in layout.values or (name.startswith("protoinfo.") and any(
+                key.startswith("protoinfo.") for key in layout.values)):
+            raise _NotModelledError  # repeated values: the walker's rules decide
         layout.values[name] = layout.count
         layout.order.append(name)
         layout.count += 1

@@ -7,6 +7,7 @@ overflow loses events) nor the other sinks.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import queue
@@ -53,6 +54,7 @@ class QueuedSink:
         self.policy = policy
         self.counters = SinkCounters()
         self.failed = threading.Event()
+        self.stopping = threading.Event()  # set by the runner: a blocked offer gives up
         # (events in the batch, encoded payload)
         self._queue: queue.Queue[tuple[int, Any] | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._drain, name=f"sink:{sink.name}",
@@ -76,12 +78,22 @@ class QueuedSink:
             log.exception("sink %s failed to encode a batch", self.sink.name)
             return
         if self.policy is FullPolicy.BLOCK:
-            self._queue.put(item)
+            self._put_blocking(item)
             return
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             self.counters.dropped += len(batch)
+
+    def _put_blocking(self, item: tuple[int, Any]) -> None:
+        """Wait for room, but give up (and count the batch) once a stop is requested."""
+        while not self.stopping.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        self.counters.dropped += item[0]
 
     def depth(self) -> int:
         """Batches waiting."""
@@ -105,13 +117,33 @@ class QueuedSink:
                 log.exception("sink %s failed to write a batch", self.sink.name)
 
     def stop(self, deadline: float) -> None:
-        """Finish queued batches until `deadline` (monotonic), then close the sink."""
-        try:
-            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            log.error("sink %s: queue not drained before the deadline", self.sink.name)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        """Finish queued batches until `deadline` (monotonic), then close the sink.
+
+        A sink still stuck in a write at the deadline is abandoned (its thread is a daemon):
+        what it had queued is counted as dropped, and it is not closed under its own feet.
+        """
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            abandoned = self._abandon_queue()
+            log.error("sink %s: not drained before the deadline; %d events dropped",
+                      self.sink.name, abandoned)
+            return
         self.sink.close()
+
+    def _abandon_queue(self) -> int:
+        abandoned = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                abandoned += item[0]
+        self.counters.dropped += abandoned
+        return abandoned
 
 
 @dataclass(slots=True)
@@ -133,6 +165,7 @@ class Pipeline:
     enrichers: list[Enricher] = field(default_factory=list)
     filters: list[Filter] = field(default_factory=list)
     counters: RunCounters = field(default_factory=RunCounters)
+    delivered: int = 0  # records handed to sinks while a --count limit applies
     # After a partial batch, wait this long before reading again so the next wake-up finds
     # many events: per-wake costs (select, the drain's EAGAIN, queue hand-off, write) then
     # spread over ~50 events at 10k/s instead of ~10. After a full batch, read at once.
@@ -189,6 +222,14 @@ class Pipeline:
             log.exception("stage failed on an event; event passed on unchanged")
         return event
 
+    def _limit(self, records: list[Record], max_events: int | None) -> list[Record]:
+        """Cut the batch so no more than `max_events` events are delivered in all."""
+        if max_events is None:
+            return records
+        kept = records[:max(0, max_events - self.delivered)]
+        self.delivered += len(kept)
+        return kept
+
     def deliver(self, records: Sequence[Record]) -> None:
         """Hand one processed batch to every sink."""
         if records:
@@ -196,12 +237,12 @@ class Pipeline:
                 sink.offer(records)
 
     def run(self, stop: threading.Event, max_events: int | None = None) -> None:
-        """Read until `stop` is set (or every sink failed, or `max_events` delivered)."""
+        """Read until `stop` is set, every sink failed, or `max_events` records delivered."""
         for sink in self.sinks:
             sink.start()
         for source in self.sources:
             pending = source.read()  # start-up dumps queued by start()
-            self.deliver(self.process(pending))
+            self.deliver(self._limit(self.process(pending), max_events))
         fds = {source.fileno(): source for source in self.sources}
         while not stop.is_set() and not self._all_sinks_failed():
             readable, _, _ = select.select(list(fds), [], [], 0.2)
@@ -209,8 +250,8 @@ class Pipeline:
             for fd in readable:
                 records = fds[fd].read()
                 busy = busy or len(records) >= self.full_batch
-                self.deliver(self.process(records))
-            if max_events is not None and self.counters.events >= max_events:
+                self.deliver(self._limit(self.process(records), max_events))
+            if max_events is not None and self.delivered >= max_events:
                 return
             if readable and not busy and self.idle_sleep:
                 time.sleep(self.idle_sleep)
@@ -218,10 +259,17 @@ class Pipeline:
     def _all_sinks_failed(self) -> bool:
         return bool(self.sinks) and all(sink.failed.is_set() for sink in self.sinks)
 
-    def shutdown(self, drain_seconds: float = 5.0) -> None:
-        """Drain sinks with a deadline, then stop sources."""
-        deadline = time.monotonic() + drain_seconds
+    def request_stop(self) -> None:
+        """Called from a signal handler: blocked hand-offs give up instead of waiting."""
         for sink in self.sinks:
-            sink.stop(deadline)
-        for source in self.sources:
-            source.stop()
+            sink.stopping.set()
+
+    def shutdown(self, drain_seconds: float = 5.0) -> None:
+        """Drain sinks with a deadline, then stop sources (safe after a failed start)."""
+        deadline = time.monotonic() + drain_seconds
+        try:
+            for sink in self.sinks:
+                sink.stop(deadline)
+        finally:
+            for source in self.sources:
+                source.stop()

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from conntrail.errors import DecodeError, NetlinkError
+from conntrail.errors import ConntrailError, DecodeError, NetlinkError
 from conntrail.kernel.netns import NetnsRef
 from conntrail.kernel.socket import (
     NFNLGRP_CONNTRACK_DESTROY,
@@ -27,6 +27,7 @@ _GROUPS = {
     EventKind.DESTROY: NFNLGRP_CONNTRACK_DESTROY,
 }
 DUMP_TIMEOUT_S = 30.0
+RESYNC_RETRY_S = 5.0
 
 
 def _is_event(item: FlowEvent | Control) -> bool:
@@ -69,6 +70,7 @@ class ConntrackSource:
         self._seq = int(time.time())
         self._drops_seen = 0
         self._resync_due = False
+        self._resync_after = 0.0
 
     def start(self) -> None:
         """Subscribe first, then dump: a flow can appear twice, but none is missed."""
@@ -79,7 +81,11 @@ class ConntrackSource:
         log.info("%s: listening for %s", self.name,
                  ",".join(kind.label for kind in sorted(self.options.kinds)))
         if self.options.dump:
-            self._pending.extend(self.dump())
+            try:
+                self._pending.extend(self.dump())
+            except BaseException:
+                self.stop()
+                raise
 
     def fileno(self) -> int:
         """The event socket's fd."""
@@ -140,13 +146,24 @@ class ConntrackSource:
         out += decoded  # type: ignore[arg-type]  # only FlowEvents are left
         if sock.take_overflow():
             out.append(self._overflowed(sock, now))
-        if self._resync_due and len(datagrams) < self.options.batch:
+        if self._resync_due and sock.drained and time.monotonic() >= self._resync_after:
             # Re-read the table only once the backlog is drained: dumping in the middle of
             # the burst that overflowed us would take the CPU the backlog needs.
-            self._resync_due = False
-            self.counters.resyncs += 1
-            out.extend(self.dump())
+            out.extend(self._resync())
         return out
+
+    def _resync(self) -> list[Record]:
+        """The resync dump; a failure is logged and retried later, never fatal."""
+        try:
+            records = self.dump()
+        except ConntrailError as exc:
+            self._resync_after = time.monotonic() + RESYNC_RETRY_S
+            log.error("%s: resync dump failed (%s); retrying in %.0f s", self.name, exc,
+                      RESYNC_RETRY_S)
+            return []
+        self._resync_due = False
+        self.counters.resyncs += 1
+        return records
 
     def _overflowed(self, sock: NetlinkSocket, now: int) -> LossNotice:
         """After ENOBUFS: count what was lost, grow the buffer, schedule a resync dump."""

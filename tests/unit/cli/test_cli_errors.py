@@ -8,7 +8,11 @@ from conntrail.cli.main import main
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["watch", "--events", "new,created"], "events: unknown event kind 'created'"),
+    (["watch", "--events", "new,created"], "--events: unknown event kind 'created'"),
+    (["record", "-o", "-", "--events", "dump"], "--events: use --dump"),
+    (["record", "-o", "-", "--count", "0"], "--count: must be a positive number"),
+    (["watch", "--buffer", "4G"], "--buffer: at most 1G"),
+    (["watch", "--format", "{sport:d}"], "--format: cannot render"),
     (["watch", "--events", "dump"], "--events: use --dump to show existing flows"),
     (["watch", "-p", "tcp,bogus"], "--proto: unknown protocol 'bogus'"),
     (["watch", "--filter", "dprt == 1"], "unknown field 'dprt'"),

@@ -145,3 +145,33 @@ def test_failing_encode_is_counted_not_fatal(caplog: pytest.LogCaptureFixture) -
     _run(Pipeline([ListSource([[ICMP]])], [bad, QueuedSink(good)]), 1)
     assert bad.counters.errors == 1 and bad.counters.dropped == 1 and good.records == [ICMP]
     assert "sink bad failed to encode" in caplog.text
+
+
+def test_stop_before_start_is_harmless() -> None:
+    sink = CollectSink()
+    QueuedSink(sink).stop(time.monotonic() + 1)
+    assert sink.closed
+
+
+def test_stuck_sink_cannot_hold_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    gate = threading.Event()  # never set while the test waits: the sink is stuck
+    queued = QueuedSink(CollectSink(gate=gate), capacity=1)
+    queued.start()
+    for _ in range(3):  # one in the writer, one queued; the third would block
+        if _ == 2:
+            threading.Timer(0.3, queued.stopping.set).start()
+        queued.offer([ICMP, ICMP])
+    started = time.monotonic()
+    queued.stop(time.monotonic() + 0.5)
+    assert time.monotonic() - started < 2
+    assert queued.counters.dropped == 4  # the batch that gave up and the abandoned one
+    assert "not drained before the deadline" in caplog.text
+    gate.set()
+
+
+def test_count_limit_is_exact() -> None:
+    sink = CollectSink()
+    pipeline = Pipeline([ListSource([[ICMP, PLAIN_UDP6, SNAT_TCP], [ICMP, ICMP]])],
+                        [QueuedSink(sink)])
+    _run(pipeline, 2)
+    assert sink.records == [ICMP, PLAIN_UDP6]
