@@ -61,6 +61,8 @@ def _record(sock: NetlinkSocket, out: TextIO, stop: threading.Event, count: int 
             written += 1
             if count is not None and written >= count:
                 return written
+        if sock.take_overflow():  # say where the recording has a gap
+            out.write(header_lines(["kernel dropped events here (ENOBUFS)"]))
         out.flush()
     return written
 

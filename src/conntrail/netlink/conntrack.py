@@ -423,7 +423,9 @@ def _status(value: int) -> CtStatus:
     """CtStatus for an int, cached: building an IntFlag costs ~0.25 µs, a dict hit ~0.03."""
     status = _STATUS_CACHE.get(value)
     if status is None:
-        status = _STATUS_CACHE[value] = CtStatus(value)
+        status = CtStatus(value)
+        if len(_STATUS_CACHE) < 4096:  # real flows use a few dozen combinations
+            _STATUS_CACHE[value] = status
     return status
 
 
@@ -497,18 +499,20 @@ _NLMSGHDR_UNPACK = struct.Struct("=IHHII").unpack_from
 
 
 _TEMPLATES: dict[tuple[int, int], list[Template]] = {}
+_ATTEMPTS: dict[tuple[int, int], int] = {}  # compile attempts per (type, length): bounded
 _TEMPLATE_LIMIT = 512  # layouts are few in practice; the bound only stops hostile input
 _TEMPLATE_HELPERS: dict[str, object] = {"_v4": _ipv4, "_v6": _ipv6, "_status": _status}
 
 
 def _learn(data: bytes, start: int, end: int, key: tuple[int, int]) -> None:
     """Compile a template for a layout the walker just decoded successfully."""
-    if len(_TEMPLATES) >= _TEMPLATE_LIMIT:
-        return
+    attempts = _ATTEMPTS.get(key, 0)
+    if attempts >= 8 or len(_ATTEMPTS) >= _TEMPLATE_LIMIT:
+        return  # unmodelled or too varied layouts for this key: the walker keeps them
+    _ATTEMPTS[key] = attempts + 1
     template = compile_template(bytes(data[start:end]), 0, end - start, _TEMPLATE_HELPERS)
-    candidates = _TEMPLATES.setdefault(key, [])
-    if template is not None and len(candidates) < 4:
-        candidates.append(template)
+    if template is not None and len(_TEMPLATES.get(key, ())) < 4:
+        _TEMPLATES.setdefault(key, []).append(template)
 
 
 def decode_datagram(data: bytes, netns: str = "",
@@ -592,7 +596,7 @@ def encode_dump_request(request: DumpRequest) -> bytes:
 
 
 def decode_dump_request(data: bytes) -> DumpRequest:
-    """Decode what encode_dump_request produced (for tests and `conntrail decode`)."""
+    """Decode what encode_dump_request produced (the round-trip property test uses it)."""
     headers = list(split_messages(data))
     if len(headers) != 1 or headers[0].msg_type != _TYPE_GET:
         raise DecodeError(0, "not a single ctnetlink GET request")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from conntrail.kernel.socket import (
 )
 from conntrail.model import AF_UNSPEC, EventKind, FlowEvent, LossNotice, Record
 from conntrail.netlink.conntrack import Control, DumpRequest, decode_datagram, encode_dump_request
+from conntrail.netlink.wire import split_messages
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,21 @@ class ConntrackSource:
             return decode_datagram(datagram, self.netns.name, now)
         except DecodeError as exc:
             self.counters.decode_errors += 1
-            log.error("%s: undecodable datagram skipped: %s", self.name, exc)
-            return []
+            log.error("%s: undecodable message skipped: %s", self.name, exc)
+            return self._decode_each(datagram, now)
+
+    def _decode_each(self, datagram: bytes, now: int) -> list[FlowEvent | Control]:
+        """Keep the good messages of a datagram with a bad one (when the framing holds)."""
+        out: list[FlowEvent | Control] = []
+        try:
+            headers = list(split_messages(datagram))
+        except DecodeError:
+            return out  # the framing itself is broken: nothing can be trusted
+        for header in headers:
+            with contextlib.suppress(DecodeError):
+                out += decode_datagram(datagram[header.start - 16:header.end],
+                                       self.netns.name, now)
+        return out
 
     def read(self) -> list[Record]:
         """Drain the socket: decoded events, and a loss notice plus resync after ENOBUFS."""
