@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from conntrail.errors import ConfigError
 from conntrail.kernel.socket import BufferPolicy
@@ -71,3 +76,20 @@ def apply_priority(nice: int | None, realtime: int | None) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
     except (OSError, ValueError) as exc:
         raise ConfigError("--realtime/--nice", f"cannot set priority: {exc}") from exc
+
+
+def install_signals(stop: threading.Event,
+                    also: Callable[[], None] | None = None) -> dict[int, Any]:
+    """SIGINT/SIGTERM set `stop` (and call `also`); returns the handlers to put back."""
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+        if also is not None:
+            also()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    """Put back the handlers `install_signals` replaced."""
+    for sig, old in previous.items():
+        signal.signal(sig, old)

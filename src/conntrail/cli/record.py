@@ -10,8 +10,12 @@ import time
 from typing import Any, TextIO
 
 from conntrail.api import parse_kinds
-from conntrail.cli.common import add_kernel_options, buffer_policy
-from conntrail.cli.watch import _install_signals, _restore_signals
+from conntrail.cli.common import (
+    add_kernel_options,
+    buffer_policy,
+    install_signals,
+    restore_signals,
+)
 from conntrail.errors import ConfigError
 from conntrail.kernel.netns import NetnsRef, resolve
 from conntrail.kernel.socket import NetlinkSocket
@@ -19,7 +23,7 @@ from conntrail.model import AF_UNSPEC
 from conntrail.netlink.conntrack import DumpRequest, encode_dump_request
 from conntrail.recording import format_line, header_lines
 from conntrail.session import KernelSession, SessionOptions
-from conntrail.sources.conntrack import _GROUPS
+from conntrail.sources.conntrack import multicast_groups
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -89,11 +93,11 @@ def run(args: argparse.Namespace) -> int:
                                            args.keep_rules))
     deadline = None if args.duration is None else time.monotonic() + args.duration
     stop = threading.Event()
-    previous = _install_signals(stop)
+    previous = install_signals(stop)
     out = _open_output(args.output)
     try:
         session.prepare(netns)
-        groups = tuple(_GROUPS[kind] for kind in sorted(kinds))
+        groups = multicast_groups(kinds)
         with NetlinkSocket(netns, groups, buffer_policy(args)) as sock:
             out.write(_header(args, netns))
             if args.dump:
@@ -104,5 +108,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         out.close()
         session.close()
-        _restore_signals(previous)
+        restore_signals(previous)
     return 0

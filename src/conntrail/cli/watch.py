@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 from conntrail.api import parse_kinds
@@ -16,6 +13,8 @@ from conntrail.cli.common import (
     add_kernel_options,
     apply_priority,
     buffer_policy,
+    install_signals,
+    restore_signals,
     silence_stdout,
 )
 from conntrail.errors import ConfigError
@@ -158,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     sources: list[Source] = []
     sink = QueuedSink(StreamSink("stdout", sys.stdout.buffer, watch_plan.formatter))
     pipeline = Pipeline(sources, [sink], filters=watch_plan.filters)
-    previous = _install_signals(stop, pipeline.request_stop)
+    previous = install_signals(stop, pipeline.request_stop)
     try:
         for netns in namespaces:
             session.prepare(netns)
@@ -172,26 +171,11 @@ def run(args: argparse.Namespace) -> int:
             pipeline.shutdown()
         finally:
             session.close()
-            _restore_signals(previous)
+            restore_signals(previous)
     if sink.failed.is_set():
         silence_stdout()
     _print_summary(pipeline, stats, sink)
     return 0
-
-
-def _install_signals(stop: threading.Event,
-                     also: Callable[[], None] | None = None) -> dict[int, Any]:
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-        if also is not None:
-            also()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signals(previous: dict[int, Any]) -> None:
-    for sig, old in previous.items():
-        signal.signal(sig, old)
 
 
 def _print_summary(pipeline: Pipeline, stats: list[dict[str, int]], sink: QueuedSink) -> None:

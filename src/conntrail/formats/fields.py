@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conntrail.model import FlowEvent, FlowTuple
+from conntrail.model import FlowEvent, FlowTuple, status_names
 
 Getter = Callable[[FlowEvent], object]
 
@@ -29,10 +29,6 @@ def _tuple_text(t: FlowTuple) -> str:
     return text
 
 
-def _reply(event: FlowEvent) -> FlowTuple | None:
-    return event.flow.reply
-
-
 def _counter_sum(event: FlowEvent, attr: str) -> object:
     flow = event.flow
     if flow.counters_orig is None and flow.counters_reply is None:
@@ -45,8 +41,7 @@ def _counter_sum(event: FlowEvent, attr: str) -> object:
 
 
 def _status(event: FlowEvent) -> str:
-    names = [flag.name for flag in type(event.flow.status) if flag in event.flow.status]
-    return ",".join(name for name in names if name) or "-"
+    return ",".join(status_names(event.flow.status)) or "-"
 
 
 def _reply_field(attr: str) -> Getter:

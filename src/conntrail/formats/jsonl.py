@@ -103,9 +103,9 @@ def ecs_document(event: FlowEvent) -> dict[str, Any]:
     network: dict[str, Any] = _network_base(orig.family, orig.proto)
     if reply is not None:
         if reply.dst != orig.src or reply.dport != orig.sport:
-            source["nat"] = _nat(reply.dst, reply.dport)
+            source["nat"] = _endpoint(reply.dst, reply.dport, None)
         if reply.src != orig.dst or reply.sport != orig.dport:
-            destination["nat"] = _nat(reply.src, reply.sport)
+            destination["nat"] = _endpoint(reply.src, reply.sport, None)
     if flow.counters_orig is not None and flow.counters_reply is not None:
         network = {**network,
                    "bytes": flow.counters_orig.bytes + flow.counters_reply.bytes,
@@ -118,10 +118,6 @@ def ecs_document(event: FlowEvent) -> dict[str, Any]:
     return {"@timestamp": iso_utc(event.time_ns), "event": _event_doc(event.kind, flow),
             "network": network, "source": source, "destination": destination,
             "conntrail": conntrail}
-
-
-def _nat(address: str, port: int | None) -> dict[str, Any]:
-    return {"ip": address} if port is None else {"ip": address, "port": port}
 
 
 def loss_document(notice: LossNotice) -> dict[str, Any]:

@@ -29,6 +29,13 @@ def _is_notice(record: Record) -> bool:
     return type(record) is LossNotice
 
 
+def _all_of(filters: list[Filter]) -> Filter:
+    """One predicate for the batch fast path (e.g. `-p` and `-f` together)."""
+    if len(filters) == 1:
+        return filters[0]
+    return lambda event: all(keep(event) for keep in filters)
+
+
 class FullPolicy(enum.Enum):
     """What a sink's queue does when full."""
 
@@ -180,8 +187,8 @@ class Pipeline:
             # ~1 µs per event, the C-level scan above ~0.03 µs.
             self.counters.events += len(records)
             return records
-        if not self.enrichers and len(self.filters) == 1:
-            return self._filter_only(records, self.filters[0])
+        if not self.enrichers:
+            return self._filter_only(records, _all_of(self.filters))
         return self._process_each(records)
 
     def _filter_only(self, records: list[Record], keep: Filter) -> list[Record]:

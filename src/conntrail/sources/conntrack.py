@@ -32,6 +32,11 @@ DUMP_TIMEOUT_S = 30.0
 RESYNC_RETRY_S = 5.0
 
 
+def multicast_groups(kinds: frozenset[EventKind]) -> tuple[int, ...]:
+    """The nfnetlink groups that deliver these event kinds."""
+    return tuple(_GROUPS[kind] for kind in sorted(kinds) if kind in _GROUPS)
+
+
 def _is_event(item: FlowEvent | Control) -> bool:
     return type(item) is FlowEvent
 
@@ -76,7 +81,7 @@ class ConntrackSource:
 
     def start(self) -> None:
         """Subscribe first, then dump: a flow can appear twice, but none is missed."""
-        groups = tuple(_GROUPS[kind] for kind in sorted(self.options.kinds) if kind in _GROUPS)
+        groups = multicast_groups(self.options.kinds)
         self._events = NetlinkSocket(self.netns, groups, self.options.buffer)
         if self.options.reliable:
             self._events.set_reliable()
