@@ -265,4 +265,17 @@ class LossNotice:
     received_ns: int = 0
 
 
-Record = FlowEvent | LossNotice
+@dataclass(frozen=True, slots=True)
+class TableSnapshot:
+    """In-band mark: a full dump of a namespace's table just ended (start-up or resync).
+
+    Every flow alive at `taken_ns` was delivered as a DUMP event before this mark, so a
+    consumer holding open flows (the history) may close those the dump did not contain.
+    """
+
+    netns: str
+    flows: int
+    taken_ns: int
+
+
+Record = FlowEvent | LossNotice | TableSnapshot

@@ -22,6 +22,7 @@ from conntrail.model import (
     FlowTuple,
     LossNotice,
     Record,
+    TableSnapshot,
     proto_name,
     status_names,
 )
@@ -162,6 +163,8 @@ class JsonFormat:
         self._document = record_document if layout == "record" else ecs_document
 
     def __call__(self, record: Record) -> bytes:
+        if isinstance(record, TableSnapshot):
+            return b""  # a mark for stateful consumers (history), nothing to print
         if isinstance(record, LossNotice):
             return orjson.dumps(loss_document(record), option=orjson.OPT_APPEND_NEWLINE)
         return orjson.dumps(self._document(record), option=orjson.OPT_APPEND_NEWLINE)

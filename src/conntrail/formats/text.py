@@ -18,6 +18,7 @@ from conntrail.model import (
     FlowTuple,
     LossNotice,
     Record,
+    TableSnapshot,
 )
 
 DEFAULT_TEMPLATE = "{ts}: {family_proto} {orig} :: {event}{details}"
@@ -101,6 +102,8 @@ class TextFormat:
         self._ts_format = ts_format
 
     def __call__(self, record: Record) -> bytes:
+        if isinstance(record, TableSnapshot):
+            return b""  # a mark for stateful consumers (history), nothing to print
         if isinstance(record, LossNotice):
             count = "some" if record.lost is None else str(record.lost)
             when = timefmt.render(record.received_ns, self._ts_format)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from conntrail.model import FlowEvent, LossNotice, Record
+from conntrail.model import FlowEvent, Record
 from conntrail.pipeline.stages import Enricher, Filter, Sink, Source
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ _STOP = None
 
 
 def _is_notice(record: Record) -> bool:
-    return type(record) is LossNotice
+    """Loss notices and snapshot marks: records that are not events."""
+    return type(record) is not FlowEvent
 
 
 def _all_of(filters: list[Filter]) -> Filter:

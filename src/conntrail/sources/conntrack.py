@@ -17,7 +17,7 @@ from conntrail.kernel.socket import (
     NetlinkSocket,
     kernel_drops,
 )
-from conntrail.model import AF_UNSPEC, EventKind, FlowEvent, LossNotice, Record
+from conntrail.model import AF_UNSPEC, EventKind, FlowEvent, LossNotice, Record, TableSnapshot
 from conntrail.netlink.conntrack import Control, DumpRequest, decode_datagram, encode_dump_request
 from conntrail.netlink.wire import split_messages
 
@@ -100,18 +100,22 @@ class ConntrackSource:
         return self._events.fileno()
 
     def dump(self) -> list[Record]:
-        """Read the whole conntrack table (every family, one request) on a separate socket."""
+        """Read the whole conntrack table (every family, one request) on a separate socket,
+        then a TableSnapshot mark (only when the dump completed)."""
         out: list[Record] = []
+        taken = time.time_ns()
         with NetlinkSocket(self.netns, (), self.options.buffer) as sock:
             self._seq += 1
             sock.send(encode_dump_request(DumpRequest(AF_UNSPEC, self._seq)))
-            out.extend(self._read_dump(sock, self._seq))
+            complete = self._read_dump(sock, self._seq, out)
         self.counters.dumped += len(out)
+        if complete:
+            out.append(TableSnapshot(self.netns.name, len(out), taken))
         return out
 
-    def _read_dump(self, sock: NetlinkSocket, seq: int) -> list[Record]:
+    def _read_dump(self, sock: NetlinkSocket, seq: int, out: list[Record]) -> bool:
+        """Append the dumped flows to `out`; True when the kernel said the dump is done."""
         deadline = time.monotonic() + DUMP_TIMEOUT_S
-        out: list[Record] = []
         now = time.time_ns()
         while time.monotonic() < deadline:
             if not sock.wait(0.5):
@@ -120,13 +124,13 @@ class ConntrackSource:
                 for item in self._decode(datagram, now):
                     if isinstance(item, Control):
                         if item.seq == seq and item.kind in ("done", "ack"):
-                            return out
+                            return True
                         if item.kind == "error":
                             raise NetlinkError(item.errno, "conntrack table dump")
                     else:
                         out.append(item)
         log.error("conntrack dump in %s did not finish in %.0f s", self.name, DUMP_TIMEOUT_S)
-        return out
+        return False
 
     def _decode(self, datagram: bytes, now: int) -> list[FlowEvent | Control]:
         try:

@@ -1,0 +1,1 @@
+"""The flow history: lifecycle rows built from events, stores (SQLite, PostgreSQL), queries."""
