@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from conntrail.api import parse_kinds
@@ -14,6 +14,7 @@ from conntrail.cli.common import (
     apply_priority,
     buffer_policy,
     install_signals,
+    parse_size,
     restore_signals,
     silence_stdout,
 )
@@ -21,7 +22,7 @@ from conntrail.errors import ConfigError
 from conntrail.formats.fields import ALIASES, FIELDS
 from conntrail.formats.text import DEFAULT_TEMPLATE
 from conntrail.kernel.netns import resolve
-from conntrail.model import PROTO_NUMBERS, EventKind
+from conntrail.model import PROTO_NUMBERS, EventKind, FlowEvent, Record
 from conntrail.pipeline import registry
 from conntrail.pipeline.runner import Pipeline, QueuedSink
 from conntrail.pipeline.stages import Filter, Formatter, Source
@@ -77,6 +78,17 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                       help="do not print existing flows (default)")
     parser.add_argument("-c", "--count", type=int, metavar="N",
                         help="exit after printing N events")
+    history = parser.add_argument_group("history (see `conntrail query` and `conntrail who`)")
+    history.add_argument("--store", nargs="?", const="", default=None, metavar="URL",
+                         help="also record the flows: an SQLite file or postgresql://… DSN "
+                              "(no URL: $CONNTRAIL_STORE, else "
+                              "/var/lib/conntrail/history.sqlite)")
+    history.add_argument("-q", "--quiet", action="store_true",
+                         help="print no events (with --store: only record)")
+    history.add_argument("--retention", metavar="DURATION",
+                         help="SQLite store: delete flows that ended longer ago (e.g. 90d)")
+    history.add_argument("--max-size", metavar="SIZE",
+                         help="SQLite store: delete the oldest flows beyond SIZE (e.g. 20G)")
     parser.add_argument("--reliable", action="store_true",
                         help="ask for reliable delivery (NETLINK_BROADCAST_ERROR)")
     parser.add_argument("--nice", type=int, metavar="N",
@@ -113,6 +125,9 @@ class WatchPlan:
     formatter: Formatter
     options: ConntrackOptions
     session: SessionOptions
+    store: str | None = None  # None: no history; "": the default store
+    retention_s: float | None = None
+    max_bytes: int | None = None
 
 
 def plan(args: argparse.Namespace) -> WatchPlan:
@@ -135,7 +150,35 @@ def plan(args: argparse.Namespace) -> WatchPlan:
                              keep_rule=args.keep_rules)
     if args.count is not None and args.count <= 0:
         raise ConfigError("--count", "must be a positive number")
-    return WatchPlan(kinds, filters, formatter, options, session)
+    if args.store is None:
+        if args.retention or args.max_size:
+            raise ConfigError("--retention/--max-size", "only apply with --store")
+        return WatchPlan(kinds, filters, formatter, options, session)
+    return _with_store(args, WatchPlan(kinds, filters, formatter, options, session))
+
+
+def _with_store(args: argparse.Namespace, base: WatchPlan) -> WatchPlan:
+    """History needs every flow's NEW and DESTROY and the table at start: listen to them
+    all, and show on stdout only what was asked for."""
+    from conntrail.cli.timeargs import parse_duration
+
+    retention = parse_duration(args.retention, "--retention") / 1e9 if args.retention else None
+    max_bytes = parse_size(args.max_size, "--max-size", 1 << 50) if args.max_size else None
+    shown = base.kinds | ({EventKind.DUMP} if args.dump else frozenset())
+    options = replace(base.options, kinds=base.kinds | {EventKind.NEW, EventKind.DESTROY},
+                      dump=True)
+    return replace(base, formatter=_only_kinds(base.formatter, shown), options=options,
+                   store=args.store, retention_s=retention, max_bytes=max_bytes)
+
+
+def _only_kinds(formatter: Formatter, kinds: frozenset[EventKind]) -> Formatter:
+    """A formatter printing only events of these kinds (and every notice)."""
+    def only(record: Record) -> bytes:
+        if type(record) is FlowEvent and record.kind not in kinds:
+            return b""
+        return formatter(record)
+
+    return only
 
 
 def _print_filter_help() -> int:
@@ -156,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
     session = KernelSession(watch_plan.session)
     sources: list[Source] = []
     sink = QueuedSink(StreamSink("stdout", sys.stdout.buffer, watch_plan.formatter))
-    pipeline = Pipeline(sources, [sink], filters=watch_plan.filters)
+    sinks = [] if args.quiet else [sink]
+    if watch_plan.store is not None:
+        sinks.append(_history_sink(watch_plan, [ns.name for ns in namespaces]))
+    pipeline = Pipeline(sources, sinks, filters=watch_plan.filters)
     previous = install_signals(stop, pipeline.request_stop)
     try:
         for netns in namespaces:
@@ -174,16 +220,35 @@ def run(args: argparse.Namespace) -> int:
             restore_signals(previous)
     if sink.failed.is_set():
         silence_stdout()
-    _print_summary(pipeline, stats, sink)
+    _print_summary(pipeline, stats, sinks)
     return 0
 
 
-def _print_summary(pipeline: Pipeline, stats: list[dict[str, int]], sink: QueuedSink) -> None:
+def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:
+    """The history sink, its store opened now: an unreachable store stops us before we
+    touch the kernel."""
+    from conntrail.history.store import open_store
+    from conntrail.sinks.history import HistorySink
+
+    store = open_store(watch_plan.store or None, "--store", create=True)
+    if watch_plan.retention_s or watch_plan.max_bytes:
+        if not hasattr(store, "enforce_retention"):
+            store.close()
+            raise ConfigError("--retention/--max-size", "apply to the SQLite store only "
+                              "(PostgreSQL: drop old partitions)")
+        store.retention_s = watch_plan.retention_s  # type: ignore[attr-defined]
+        store.max_bytes = watch_plan.max_bytes  # type: ignore[attr-defined]
+    return QueuedSink(HistorySink(store.url, netns, store=store))
+
+
+def _print_summary(pipeline: Pipeline, stats: list[dict[str, int]],
+                   sinks: list[QueuedSink]) -> None:
     """One line on stderr: what we saw, what the filters kept out, what was lost and where."""
     lost = sum(item.get("lost", 0) for item in stats)
     enobufs = sum(item.get("enobufs", 0) for item in stats)
     counters = pipeline.counters
+    dropped = sum(sink.counters.dropped for sink in sinks)
     print(f"conntrail: {counters.events} events, {counters.filtered} filtered, "
-          f"{lost} lost in kernel ({enobufs} overflows), {sink.counters.dropped} dropped "
+          f"{lost} lost in kernel ({enobufs} overflows), {dropped} dropped "
           f"in output", file=sys.stderr)
 

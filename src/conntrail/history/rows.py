@@ -204,6 +204,8 @@ class Lifecycle:
     session: int
     netns: Sequence[str]
     started_ns: int
+    heartbeat_ns: int = 1_000_000_000  # how often coverage is extended (its resolution)
+    _last_beat: int = 0
     _open: dict[tuple[str, int], OpenEntry] = field(default_factory=dict)
     _dumped: dict[str, set[int]] = field(default_factory=dict)
 
@@ -227,9 +229,15 @@ class Lifecycle:
                 self._event(record, batch)
             else:
                 self._mark(record, batch)
-        batch.coverage.extend(Coverage(self.session, name, self.started_ns, now_ns)
-                              for name in self.netns)
+        if now_ns - self._last_beat >= self.heartbeat_ns or batch.closes:
+            batch.coverage.extend(self.coverage(now_ns))
         return batch
+
+    def coverage(self, now_ns: int) -> list[Coverage]:
+        """This session's coverage up to now (written at most once per heartbeat, and at the
+        end): `who` uses it to tell "no flow" from "not recording then"."""
+        self._last_beat = now_ns
+        return [Coverage(self.session, name, self.started_ns, now_ns) for name in self.netns]
 
     def _event(self, event: FlowEvent, batch: HistoryBatch) -> None:
         kind = event.kind

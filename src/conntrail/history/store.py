@@ -14,6 +14,8 @@ from conntrail.history.rows import Coverage, FlowRow, HistoryBatch
 
 DEFAULT_PATH = Path("/var/lib/conntrail/history.sqlite")
 STORE_ENV = "CONNTRAIL_STORE"  # overrides the default store (e.g. for unprivileged use)
+# Attribution columns a query may select on: numbers exactly, text by glob.
+ATTRIBUTE_COLUMNS = frozenset({"pid", "uid", "gid", "exe", "cmdline", "unit"})
 
 
 @dataclass(frozen=True, slots=True)

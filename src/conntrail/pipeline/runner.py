@@ -23,6 +23,7 @@ from conntrail.pipeline.stages import Enricher, Filter, Sink, Source
 
 log = logging.getLogger(__name__)
 _STOP = None
+MERGE_MAX = 64  # batches folded into one write at most
 
 
 def _is_notice(record: Record) -> bool:
@@ -108,21 +109,48 @@ class QueuedSink:
         return self._queue.qsize()
 
     def _drain(self) -> None:
+        merge = getattr(self.sink, "merge", None)
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
             count, payload = item
+            stop_next = False
+            if merge is not None and not self._queue.empty():
+                count, payload, stop_next = self._merge_waiting(merge, count, payload)
+            self._write(count, payload)
+            if stop_next:
+                return
+
+    def _merge_waiting(self, merge: Any, count: int,
+                       payload: Any) -> tuple[int, Any, bool]:
+        """Fold the batches already waiting into one write (a sink with `merge`, e.g. a
+        database: one transaction for many batches when it falls behind)."""
+        payloads = [payload]
+        stop_next = False
+        while len(payloads) < MERGE_MAX:
             try:
-                self.sink.write(payload)
-                self.counters.written += count
-            except BrokenPipeError:
-                self.counters.dropped += count
-                self.failed.set()
-            except Exception:  # a failing sink must never kill the daemon
-                self.counters.errors += 1
-                self.counters.dropped += count
-                log.exception("sink %s failed to write a batch", self.sink.name)
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop_next = True
+                break
+            count += item[0]
+            payloads.append(item[1])
+        return count, merge(payloads), stop_next
+
+    def _write(self, count: int, payload: Any) -> None:
+        try:
+            self.sink.write(payload)
+            self.counters.written += count
+        except BrokenPipeError:
+            self.counters.dropped += count
+            self.failed.set()
+        except Exception:  # a failing sink must never kill the daemon
+            self.counters.errors += 1
+            self.counters.dropped += count
+            log.exception("sink %s failed to write a batch", self.sink.name)
 
     def stop(self, deadline: float) -> None:
         """Finish queued batches until `deadline` (monotonic), then close the sink.

@@ -1,0 +1,79 @@
+"""The history sink: keeps the flow trail in a store (SQLite file or PostgreSQL).
+
+The lifecycle (which rows to open, close, reconcile) runs in `encode` on the pipeline thread,
+in event order; the store write runs on the sink's worker thread, one transaction per batch
+(queued batches are merged first, so a slow disk means bigger transactions, not a backlog).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+
+from conntrail.history.rows import HistoryBatch, Lifecycle
+from conntrail.history.store import HistoryStore, open_store
+from conntrail.model import Record
+
+log = logging.getLogger(__name__)
+
+
+class HistorySink:
+    """Writes flow rows, coverage and loss gaps to a history store."""
+
+    def __init__(self, url: str | None, netns: Sequence[str], option: str = "--store",
+                 store: HistoryStore | None = None) -> None:
+        self._url = url
+        self._option = option
+        self._store = store
+        self.lifecycle = Lifecycle(secrets.randbits(62), list(netns), time.time_ns())
+        self.name = "history"
+
+    def open(self) -> None:
+        """Open (creating) the store, and reload the flows an earlier run left open: the
+        first table dump then closes those that ended while nobody was recording."""
+        if self._store is None:
+            self._store = open_store(self._url, self._option, create=True)
+        self.name = f"history[{self._store.url}]"
+        rows, last_seen = self._store.load_open(self.lifecycle.netns)
+        self.lifecycle.seed(rows, last_seen)
+        if rows:
+            log.info("%s: %d flows were open at the last stop; reconciling with the table",
+                     self.name, len(rows))
+        self._store.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+
+    @property
+    def store(self) -> HistoryStore:
+        """The open store."""
+        assert self._store is not None, "open() first"
+        return self._store
+
+    def encode(self, batch: Sequence[Record]) -> HistoryBatch:
+        """The store operations this batch implies (pipeline thread, in order)."""
+        return self.lifecycle.feed(batch, time.time_ns())
+
+    def merge(self, payloads: Sequence[HistoryBatch]) -> HistoryBatch:
+        """Several queued batches as one transaction (order kept within each list)."""
+        merged = HistoryBatch()
+        for payload in payloads:
+            merged.upserts += payload.upserts
+            merged.closes += payload.closes
+            merged.coverage += payload.coverage
+            merged.gaps += payload.gaps
+        return merged
+
+    def write(self, payload: HistoryBatch) -> None:
+        """One transaction (worker thread)."""
+        if len(payload):
+            self.store.apply(payload)
+
+    def close(self) -> None:
+        """Record how far coverage went, then close the store (open flows stay open)."""
+        if self._store is None:
+            return
+        try:
+            self._store.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+        finally:
+            self._store.close()
+            self._store = None
