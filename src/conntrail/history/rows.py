@@ -208,6 +208,9 @@ class Lifecycle:
     _last_beat: int = 0
     _open: dict[tuple[str, int], OpenEntry] = field(default_factory=dict)
     _dumped: dict[str, set[int]] = field(default_factory=dict)
+    # Flows the last dump closed as vanished: their DESTROY may still be on its way (sent
+    # while the dump ran), and must land on the same row rather than make a second one.
+    _gone: dict[tuple[str, int], OpenEntry] = field(default_factory=dict)
 
     def seed(self, rows: Sequence[FlowRow], alive_ns: dict[str, int]) -> None:
         """Flows the store still holds open from an earlier run; `alive_ns` per netns is
@@ -275,6 +278,8 @@ class Lifecycle:
         if entry is not None and entry.orig == _orig_key(flow):
             del self._open[key]
             start = entry.start_ns
+        elif (gone := self._gone.pop(key, None)) is not None and gone.orig == _orig_key(flow):
+            start = gone.start_ns  # closed as vanished a moment ago: now we know its end
         else:  # a flow older than us, or its NEW was lost
             start = flow.start_ns or end
         batch.upserts.append(build_row(flow, event.netns, start, max(end, start),
@@ -294,8 +299,9 @@ class Lifecycle:
         gone = [key for key, entry in self._open.items()
                 if key[0] == snap.netns and key[1] not in seen
                 and entry.start_ns < snap.taken_ns]
+        self._gone = {}
         for key in gone:
-            entry = self._open.pop(key)
+            entry = self._gone[key] = self._open.pop(key)
             bound = snap.taken_ns if entry.last_seen_ns is None else entry.last_seen_ns
             batch.closes.append(CloseOp(key[0], key[1], entry.start_ns,
                                         max(bound, entry.start_ns), ClosedBy.VANISHED))

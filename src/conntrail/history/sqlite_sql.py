@@ -8,10 +8,7 @@ SCHEMA_VERSION = 1
 ADDRESS_COLUMNS = ("orig_src", "orig_dst", "reply_src", "reply_dst")
 COLUMN_LIST = ", ".join(COLUMNS)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS flows (
-    id INTEGER PRIMARY KEY,
+_COLUMNS_DDL = """
     start_ns INTEGER NOT NULL,      -- first known moment of the flow (part of its key)
     end_ns INTEGER,                 -- NULL while open
     closed_by INTEGER NOT NULL,     -- 0 open, 1 destroy, 2 vanished, 3 superseded
@@ -45,19 +42,33 @@ CREATE TABLE IF NOT EXISTS flows (
     gid INTEGER,
     exe TEXT,
     cmdline TEXT,
-    unit TEXT
+    unit TEXT"""
+
+# Two tables: `open_flows` (small, changing) and `flows` (closed, written once, except when a
+# late DESTROY corrects a "vanished" end). Closed rows carry `span`, the bit length of their
+# duration in 2^20 ns (~1 ms) units: a flow of span b lasted < 2^(b+20) ns, so the flows of
+# span b that cover moment T started in [T - 2^(b+20), T]: one tight index range per span
+# (at most 43) instead of a scan of everything before T. That bounds `who` and time windows
+# however long the history grows.
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flows ({_COLUMNS_DDL},
+    span INTEGER NOT NULL
 );
--- The flow's identity, and time windows as a range scan.
 CREATE UNIQUE INDEX IF NOT EXISTS flows_key ON flows (start_ns, ct_id, netns);
+CREATE INDEX IF NOT EXISTS flows_window ON flows (span, start_ns);
 -- who, SNAT: the public address and port are the reply tuple's destination.
-CREATE INDEX IF NOT EXISTS flows_snat ON flows (reply_dst, reply_dport, start_ns, end_ns)
+CREATE INDEX IF NOT EXISTS flows_snat ON flows (reply_dst, reply_dport, span, start_ns, end_ns)
     WHERE nat IN (1, 3);
 -- who, DNAT (and queries by destination): the original destination.
-CREATE INDEX IF NOT EXISTS flows_dst ON flows (orig_dst, orig_dport, start_ns, end_ns);
+CREATE INDEX IF NOT EXISTS flows_dst ON flows (orig_dst, orig_dport, span, start_ns, end_ns);
 -- who, local (and queries by source): the original source.
-CREATE INDEX IF NOT EXISTS flows_src ON flows (orig_src, orig_sport, start_ns, end_ns);
--- The open flows, reloaded at start and closed by later dumps: few, so a small index.
-CREATE INDEX IF NOT EXISTS flows_open ON flows (netns) WHERE end_ns IS NULL;
+CREATE INDEX IF NOT EXISTS flows_src ON flows (orig_src, orig_sport, span, start_ns, end_ns);
+CREATE TABLE IF NOT EXISTS open_flows ({_COLUMNS_DDL});
+CREATE UNIQUE INDEX IF NOT EXISTS open_key ON open_flows (start_ns, ct_id, netns);
+CREATE INDEX IF NOT EXISTS open_snat ON open_flows (reply_dst, reply_dport);
+CREATE INDEX IF NOT EXISTS open_dst ON open_flows (orig_dst, orig_dport);
+CREATE INDEX IF NOT EXISTS open_src ON open_flows (orig_src, orig_sport);
 CREATE TABLE IF NOT EXISTS coverage (
     session INTEGER NOT NULL,
     netns TEXT NOT NULL,
@@ -69,55 +80,80 @@ CREATE TABLE IF NOT EXISTS gaps (netns TEXT NOT NULL, at_ns INTEGER NOT NULL, lo
 CREATE INDEX IF NOT EXISTS gaps_at ON gaps (at_ns);
 """
 
+SPAN_UNIT_BITS = 20  # span counts durations in 2^20 ns (~1 ms) units
+MAX_SPAN = 42  # 2^62 ns, 146 years: longer than any flow, and within SQLite's int64
+
+
+def span(start_ns: int, end_ns: int) -> int:
+    """The span bucket of a closed flow: it lasted < 2^(span+20) ns (see SCHEMA)."""
+    return min(MAX_SPAN, (max(0, end_ns - start_ns) >> SPAN_UNIT_BITS).bit_length())
+
+
+def span_reach(bucket: int) -> int:
+    """How long (ns) a flow of this span may have lasted, at most."""
+    return 1 << (bucket + SPAN_UNIT_BITS)
+
+
+_PLACEHOLDERS = ", ".join("?" * len(COLUMNS))
 # New non-NULL values win for what a flow's life changes; its identity and tuples stay.
 _MERGE = ", ".join(f"{name} = coalesce(excluded.{name}, {name})"
-                   for name in MUTABLE_COLUMNS if name != "closed_by")
-UPSERT = (
-    f"INSERT INTO flows ({COLUMN_LIST}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-    "ON CONFLICT (start_ns, ct_id, netns) DO UPDATE SET "
-    "closed_by = CASE WHEN excluded.end_ns IS NULL THEN closed_by ELSE excluded.closed_by END, "
-    f"{_MERGE}"
+                   for name in MUTABLE_COLUMNS if name not in ("closed_by", "end_ns"))
+OPEN_UPSERT = (f"INSERT INTO open_flows ({COLUMN_LIST}) VALUES ({_PLACEHOLDERS}) "
+               f"ON CONFLICT (start_ns, ct_id, netns) DO UPDATE SET {_MERGE}")
+# A closed row: written once; a second write (replay, or a late DESTROY after "vanished")
+# takes the newer end and counters. What the closing event lacks (e.g. the attribution a NEW
+# carried) comes from the open row, found by the key in the same statement.
+_FIXED = frozenset({"start_ns", "closed_by", "netns", "ct_id", "family", "proto", "orig_src",
+                    "orig_dst", "nat", "status"})
+_CLOSED_VALUES = ", ".join(f"?{i}" if name in _FIXED else f"coalesce(?{i}, o.{name})"
+                           for i, name in enumerate(COLUMNS, 1))
+_KEY_ARGS = {name: COLUMNS.index(name) + 1 for name in ("start_ns", "ct_id", "netns")}
+CLOSED_UPSERT = (
+    f"INSERT INTO flows ({COLUMN_LIST}, span) SELECT {_CLOSED_VALUES}, ?{len(COLUMNS) + 1} "
+    "FROM (SELECT 1) LEFT JOIN open_flows o ON o.start_ns = ?{start_ns} AND "
+    "o.ct_id = ?{ct_id} AND o.netns = ?{netns} WHERE true ".format(**_KEY_ARGS)
+    + "ON CONFLICT (start_ns, ct_id, netns) DO UPDATE SET end_ns = excluded.end_ns, "
+    f"closed_by = excluded.closed_by, span = excluded.span, {_MERGE}"
 )
-CLOSE = ("UPDATE flows SET end_ns = ?, closed_by = ? "
-         "WHERE start_ns = ? AND ct_id = ? AND netns = ? AND end_ns IS NULL")
+# Close an open row as it is (vanished, superseded): parameters end, closed_by, span, key.
+MOVE_OPEN = (
+    f"INSERT INTO flows ({COLUMN_LIST}, span) SELECT "
+    + ", ".join("?1" if c == "end_ns" else "?2" if c == "closed_by" else c for c in COLUMNS)
+    + ", ?3 FROM open_flows WHERE start_ns = ?4 AND ct_id = ?5 AND netns = ?6 "
+    "ON CONFLICT (start_ns, ct_id, netns) DO NOTHING"
+)
+# The open row's other columns fill in what a closing write lacks (e.g. a NEW's attribution).
+DELETE_OPEN = "DELETE FROM open_flows WHERE start_ns = ? AND ct_id = ? AND netns = ?"
 COVERAGE = ("INSERT INTO coverage VALUES (?, ?, ?, ?) ON CONFLICT (session, netns) DO UPDATE "
             "SET start_ns = min(start_ns, excluded.start_ns), "
             "end_ns = max(end_ns, excluded.end_ns)")
-DELETE_CHUNK = ("DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE start_ns < ? "
+DELETE_CHUNK = ("DELETE FROM flows WHERE rowid IN (SELECT rowid FROM flows WHERE start_ns < ? "
                 "AND end_ns < ? LIMIT ?)")
+DELETE_OLDEST = ("DELETE FROM flows WHERE rowid IN (SELECT rowid FROM flows ORDER BY start_ns "
+                 "LIMIT ?)")
 
-# who: (role, column of the address, column of the port, the NAT condition its index has)
-_WHO_ROLES = (
+# who: (role, column of the address, column of the port, the NAT condition)
+WHO_ROLES = (
     ("snat", "reply_dst", "reply_dport", "nat IN (1, 3)"),
     ("dnat", "orig_dst", "orig_dport", "nat IN (2, 3)"),
     ("local", "orig_src", "orig_sport", "nat = 0"),
 )
 
 
-def who_statements(with_port: bool, with_proto: bool) -> list[tuple[str, str]]:
-    """(role, statement) per role; parameters: address, [port], window end, window start,
-    [proto], limit."""
-    out = []
-    for role, address, port, nat in _WHO_ROLES:
-        where = [f"{address} = ?"]
-        if with_port:
-            where.append(f"{port} = ?")
-        where += [nat, "start_ns <= ?", "(end_ns IS NULL OR end_ns >= ?)"]
-        if with_proto:
-            where.append("proto = ?")
-        out.append((role, f"SELECT {COLUMN_LIST} FROM flows WHERE {' AND '.join(where)} "
-                          "ORDER BY start_ns DESC LIMIT ?"))
-    return out
+def who_closed(address: str, port: str, nat: str, with_port: bool, with_proto: bool) -> str:
+    """Closed flows of one span that used the endpoint in the window. Parameters: address,
+    [port], span, earliest start, window end, window start, [proto], limit."""
+    where = [f"{address} = ?"] + ([f"{port} = ?"] if with_port else [])
+    where += [nat, "span = ?", "start_ns BETWEEN ? AND ?", "end_ns >= ?"]
+    where += ["proto = ?"] if with_proto else []
+    return (f"SELECT {COLUMN_LIST} FROM flows WHERE {' AND '.join(where)} "
+            "ORDER BY start_ns DESC LIMIT ?")
 
 
-def window_clauses(start_ns: int | None, end_ns: int | None) -> tuple[list[str], list[object]]:
-    """Clauses for flows overlapping [start_ns, end_ns] (either bound may be open)."""
-    clauses: list[str] = []
-    params: list[object] = []
-    if end_ns is not None:
-        clauses.append("start_ns <= ?")
-        params.append(end_ns)
-    if start_ns is not None:
-        clauses.append("(end_ns IS NULL OR end_ns >= ?)")
-        params.append(start_ns)
-    return clauses, params
+def who_open(address: str, port: str, nat: str, with_port: bool, with_proto: bool) -> str:
+    """Open flows that used the endpoint and began before the window ended. Parameters:
+    address, [port], window end, [proto], limit."""
+    where = [f"{address} = ?"] + ([f"{port} = ?"] if with_port else [])
+    where += [nat, "start_ns <= ?"] + (["proto = ?"] if with_proto else [])
+    return (f"SELECT {COLUMN_LIST} FROM open_flows WHERE {' AND '.join(where)} "
+            "ORDER BY start_ns DESC LIMIT ?")
