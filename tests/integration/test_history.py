@@ -2,8 +2,8 @@
 
 Topology (fresh namespaces per test):
     client1 198.18.1.2 ─┐
-                        router (198.18.1.1 / 198.18.3.1 inside, 198.18.2.1 outside) ── server 198.18.2.2
-    client2 198.18.3.2 ─┘
+                        router ── server 198.18.2.2
+    client2 198.18.3.2 ─┘   (inside 198.18.1.1 / 198.18.3.1, outside 198.18.2.1)
 The router masquerades everything leaving on its outside link (SNAT) and forwards
 198.18.2.1:8080 to client1:80 (DNAT). conntrail records in the router's namespace.
 """
@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,7 +105,7 @@ def record(gw: Gateway, store: Path, *extra: str) -> Watch:
     return start_watch("watch", "-n", gw.router.name, "--store", str(store), "-q", *extra)
 
 
-def cli_json(*args: str) -> tuple[int, list[dict[str, object]], str]:
+def cli_json(*args: str) -> tuple[int, list[dict[str, Any]], str]:
     """Run a history command with JSON output: (exit status, documents, stderr)."""
     proc = run_cli(*args)
     docs = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -142,7 +143,7 @@ def test_who_finds_the_inside_host_behind_each_snat_port(gateway: Gateway,
         status, docs, err = cli_json("who", public, "--at", iso(during), "--store", str(store),
                                      "--json")
         assert status == 0, err
-        assert [(d["role"], d["inside"]["address"]) for d in docs] == [("snat", inside)], docs  # type: ignore[index]
+        assert [(d["role"], d["inside"]["address"]) for d in docs] == [("snat", inside)], docs
 
     # Before the first flow, while recording: covered, and no flow.
     some_public = next(iter(seen))
@@ -173,7 +174,7 @@ def test_who_answers_a_port_forward_and_one_shot_udp(gateway: Gateway, tmp_path:
     [dnat] = docs
     assert dnat["role"] == "dnat"
     assert dnat["inside"] == {"address": "198.18.1.2", "port": 80}
-    assert dnat["flow"]["orig_src"] == SERVER  # type: ignore[index]
+    assert dnat["flow"]["orig_src"] == SERVER
 
     status, docs, err = cli_json("who", f"{PUBLIC}:41000", "-p", "udp", "--at", iso(during),
                                  "--store", str(store), "--json")
