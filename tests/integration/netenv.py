@@ -175,9 +175,10 @@ class Watch:
         return self
 
 
-def start_watch(*args: str, ready_timeout: float = 15.0) -> Watch:
+def start_watch(*args: str, ready_timeout: float = 15.0,
+                env: dict[str, str] | None = None) -> Watch:
     """Start `python -m conntrail -v watch ARGS` and wait until it listens."""
-    env = {**os.environ, "PYTHONPATH": SRC}
+    env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "conntrail", "-v", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None

@@ -21,6 +21,7 @@ from conntrail.cli.common import (
 from conntrail.errors import ConfigError
 from conntrail.formats.fields import ALIASES, FIELDS
 from conntrail.formats.text import DEFAULT_TEMPLATE
+from conntrail.history.store import HistoryStore
 from conntrail.kernel.netns import resolve
 from conntrail.model import PROTO_NUMBERS, EventKind, FlowEvent, Record
 from conntrail.pipeline import registry
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:
     """The history sink, its store opened now: an unreachable store stops us before we
     touch the kernel."""
-    from conntrail.history.store import open_store
+    from conntrail.history.store import default_store, is_postgres, open_store
     from conntrail.sinks.history import HistorySink
 
     store = open_store(watch_plan.store or None, "--store", create=True)
@@ -238,7 +239,24 @@ def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:
                               "(PostgreSQL: drop old partitions)")
         store.retention_s = watch_plan.retention_s  # type: ignore[attr-defined]
         store.max_bytes = watch_plan.max_bytes  # type: ignore[attr-defined]
-    return QueuedSink(HistorySink(store.url, netns, store=store))
+    writer = None
+    if is_postgres(watch_plan.store or default_store()):
+        writer = _spooling_writer(store, watch_plan.store or default_store())
+    return QueuedSink(HistorySink(store.url, netns, store=store, writer=writer))
+
+
+def _spooling_writer(store: HistoryStore, url: str) -> Any:
+    """PostgreSQL writes go through an on-disk spool while the database is away."""
+    from conntrail.history.pgwriter import SpoolingWriter
+    from conntrail.history.store import open_store, spool_dir
+
+    first = [store]
+
+    def connect() -> HistoryStore:
+        # The store opened at start first (it proved the database reachable), then new ones.
+        return first.pop() if first else open_store(url, "--store", create=True)
+
+    return SpoolingWriter(connect, spool_dir(url))
 
 
 def _print_summary(pipeline: Pipeline, stats: list[dict[str, int]],

@@ -193,6 +193,9 @@ def _row_orig_key(row: FlowRow) -> tuple[object, ...]:
             row.icmp_type, row.icmp_code, row.icmp_id)
 
 
+GONE_MAX = 65536
+
+
 @dataclass
 class Lifecycle:
     """Turns events (in order) into row operations; remembers open flows per namespace.
@@ -208,8 +211,10 @@ class Lifecycle:
     _last_beat: int = 0
     _open: dict[tuple[str, int], OpenEntry] = field(default_factory=dict)
     _dumped: dict[str, set[int]] = field(default_factory=dict)
-    # Flows the last dump closed as vanished: their DESTROY may still be on its way (sent
-    # while the dump ran), and must land on the same row rather than make a second one.
+    # Flows we closed without their DESTROY (vanished from a dump, or superseded by a NEW
+    # reusing their id): the DESTROY may still be on its way (the kernel sends it when the
+    # entry is freed, which can trail the id's reuse), and must land on the same row rather
+    # than make a second one. Oldest forgotten first beyond GONE_MAX.
     _gone: dict[tuple[str, int], OpenEntry] = field(default_factory=dict)
 
     def seed(self, rows: Sequence[FlowRow], alive_ns: dict[str, int]) -> None:
@@ -262,6 +267,7 @@ class Lifecycle:
             # The kernel reuses an id only once its flow is gone: it ended before this one.
             batch.closes.append(CloseOp(key[0], key[1], entry.start_ns,
                                         max(entry.start_ns, when), ClosedBy.SUPERSEDED))
+            self._remember_gone(key, entry)
             entry = None
         if entry is None:
             entry = OpenEntry(flow.start_ns or when, orig)
@@ -291,6 +297,11 @@ class Lifecycle:
         elif isinstance(record, LossNotice):
             batch.gaps.append(Gap(record.netns, record.received_ns, record.lost))
 
+    def _remember_gone(self, key: tuple[str, int], entry: OpenEntry) -> None:
+        if len(self._gone) >= GONE_MAX:
+            del self._gone[next(iter(self._gone))]
+        self._gone[key] = entry
+
     def _snapshot(self, snap: TableSnapshot, batch: HistoryBatch) -> None:
         """Close what the dump did not contain, if it began before the dump did (a flow
         alive through the whole dump is always in it). Its end is not known: we store an
@@ -299,9 +310,9 @@ class Lifecycle:
         gone = [key for key, entry in self._open.items()
                 if key[0] == snap.netns and key[1] not in seen
                 and entry.start_ns < snap.taken_ns]
-        self._gone = {}
         for key in gone:
-            entry = self._gone[key] = self._open.pop(key)
+            entry = self._open.pop(key)
+            self._remember_gone(key, entry)
             bound = snap.taken_ns if entry.last_seen_ns is None else entry.last_seen_ns
             batch.closes.append(CloseOp(key[0], key[1], entry.start_ns,
                                         max(bound, entry.start_ns), ClosedBy.VANISHED))

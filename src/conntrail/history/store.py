@@ -14,6 +14,7 @@ from conntrail.history.rows import Coverage, FlowRow, HistoryBatch
 
 DEFAULT_PATH = Path("/var/lib/conntrail/history.sqlite")
 STORE_ENV = "CONNTRAIL_STORE"  # overrides the default store (e.g. for unprivileged use)
+SPOOL_ENV = "CONNTRAIL_SPOOL"  # where PostgreSQL batches wait while the database is away
 # Attribution columns a query may select on: numbers exactly, text by glob.
 ATTRIBUTE_COLUMNS = frozenset({"pid", "uid", "gid", "exe", "cmdline", "unit"})
 
@@ -92,6 +93,15 @@ class HistoryStore(Protocol):
 def default_store() -> str:
     """$CONNTRAIL_STORE, else the embedded SQLite file under /var/lib/conntrail."""
     return os.environ.get(STORE_ENV) or str(DEFAULT_PATH)
+
+
+def spool_dir(url: str) -> Path:
+    """The spool of one database: $CONNTRAIL_SPOOL (else /var/lib/conntrail/spool), then a
+    directory per DSN, so two databases never share (or replay into each other's) spool."""
+    import hashlib
+
+    base = Path(os.environ.get(SPOOL_ENV) or DEFAULT_PATH.parent / "spool")
+    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def is_postgres(url: str) -> bool:

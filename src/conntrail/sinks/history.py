@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from conntrail.history.rows import HistoryBatch, Lifecycle
 from conntrail.history.store import HistoryStore, open_store
@@ -19,14 +20,25 @@ from conntrail.model import Record
 log = logging.getLogger(__name__)
 
 
+class BatchWriter(Protocol):
+    """Where batches go when not straight to the store (e.g. a spooling writer)."""
+
+    def apply(self, batch: HistoryBatch) -> None:
+        """Write one batch durably."""
+
+    def close(self) -> None:
+        """Flush what can be flushed and release."""
+
+
 class HistorySink:
     """Writes flow rows, coverage and loss gaps to a history store."""
 
     def __init__(self, url: str | None, netns: Sequence[str], option: str = "--store",
-                 store: HistoryStore | None = None) -> None:
+                 store: HistoryStore | None = None, writer: BatchWriter | None = None) -> None:
         self._url = url
         self._option = option
         self._store = store
+        self._writer: BatchWriter | None = writer
         self.lifecycle = Lifecycle(secrets.randbits(62), list(netns), time.time_ns())
         self.name = "history"
 
@@ -35,13 +47,15 @@ class HistorySink:
         first table dump then closes those that ended while nobody was recording."""
         if self._store is None:
             self._store = open_store(self._url, self._option, create=True)
+        if self._writer is None:
+            self._writer = self._store
         self.name = f"history[{self._store.url}]"
         rows, last_seen = self._store.load_open(self.lifecycle.netns)
         self.lifecycle.seed(rows, last_seen)
         if rows:
             log.info("%s: %d flows were open at the last stop; reconciling with the table",
                      self.name, len(rows))
-        self._store.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+        self._writer.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
 
     @property
     def store(self) -> HistoryStore:
@@ -66,14 +80,17 @@ class HistorySink:
     def write(self, payload: HistoryBatch) -> None:
         """One transaction (worker thread)."""
         if len(payload):
-            self.store.apply(payload)
+            assert self._writer is not None, "open() first"
+            self._writer.apply(payload)
 
     def close(self) -> None:
         """Record how far coverage went, then close the store (open flows stay open)."""
-        if self._store is None:
+        if self._store is None or self._writer is None:
             return
         try:
-            self._store.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+            self._writer.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
         finally:
-            self._store.close()
-            self._store = None
+            self._writer.close()
+            if self._writer is not self._store:
+                self._store.close()
+            self._store = self._writer = None
