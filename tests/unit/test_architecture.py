@@ -66,10 +66,18 @@ def test_codec_is_sans_io(module: str) -> None:
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES
-                                    if _area(m) in ("formats", "filters", "inventory")])
+                                    if _area(m) in ("formats", "filters", "inventory",
+                                                    "history")])
 def test_pure_layers_never_touch_the_kernel(module: str) -> None:
     assert not any(name.startswith("conntrail.kernel") for name in MODULES[module])
     assert not {"socket", "subprocess"} & MODULES[module]
+
+
+def test_the_history_lifecycle_is_sans_io() -> None:
+    """rows.py decides what to write; only the stores do I/O."""
+    imports = MODULES["conntrail.history.rows"]
+    assert _ours(imports) <= {"conntrail.model"}
+    assert not {"sqlite3", "psycopg", "os", "socket"} & imports
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if _area(m) not in ("cli", "__main__")])
