@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 _ADDR_INDEXES = tuple(COLUMNS.index(name) for name in sql.ADDRESS_COLUMNS)
 RETENTION_EVERY_S = 60.0
+# A moment needs 2 buckets per span; a long --from/--to window more for the short spans.
+# Beyond this many, those buckets are scanned as one range instead (correct, slower).
+WHO_MAX_BUCKETS = 64
 RETENTION_CHUNK = 20_000
 
 
@@ -48,6 +51,12 @@ def _to_db(row: FlowRow) -> tuple[Any, ...]:
     values[r_src] = pack_optional(row.reply_src)
     values[r_dst] = pack_optional(row.reply_dst)
     return tuple(values)
+
+
+def _closed_to_db(row: FlowRow) -> tuple[Any, ...]:
+    """A closed row with its addresses packed, then its span and bucket."""
+    span = sql.span(row.start_ns, row.end_ns or row.start_ns)
+    return (*_to_db(row), span, sql.bucket(row.start_ns, span))
 
 
 def _from_db(values: Sequence[Any]) -> FlowRow:
@@ -174,9 +183,7 @@ class SqliteStore:
             db.executemany(sql.OPEN_UPSERT, opened)
         closed = [row for row in rows if row.end_ns is not None]
         if closed:
-            db.executemany(sql.CLOSED_UPSERT, [
-                (*_to_db(row), sql.span(row.start_ns, row.end_ns or row.start_ns))
-                for row in closed])
+            db.executemany(sql.CLOSED_UPSERT, [_closed_to_db(row) for row in closed])
             db.executemany(sql.DELETE_OPEN, [(row.start_ns, row.ct_id, row.netns)
                                              for row in closed])
 
@@ -273,9 +280,12 @@ class SqliteStore:
         if query.start_ns is None:
             return [(["start_ns <= ?"], [high])]
         low = query.start_ns
-        return [(["span = ?", "start_ns BETWEEN ? AND ?", "end_ns >= ?"],
-                 [bucket, low - sql.span_reach(bucket), high, low])
-                for bucket in range(sql.MAX_SPAN + 1)]
+        out: list[tuple[list[str], list[Any]]] = []
+        for span in range(sql.MAX_SPAN + 1):
+            first, last = sql.buckets_covering(low, high, span)
+            out.append((["span = ?", "bucket BETWEEN ? AND ?", "start_ns <= ?", "end_ns >= ?"],
+                        [span, first, last, high, low]))
+        return out
 
     def _select(self, table: str, clauses: list[str], params: list[Any], order: str,
                 limit: int | None) -> Iterator[Any]:
@@ -298,11 +308,16 @@ class SqliteStore:
         for role, addr_col, port_col, nat in sql.WHO_ROLES:
             rows = list(self._db.execute(sql.who_open(addr_col, port_col, nat, *flags),
                                          [*head, query.end_ns, *tail]))
-            closed = sql.who_closed(addr_col, port_col, nat, *flags)
-            for bucket in range(sql.MAX_SPAN + 1):
-                earliest = query.start_ns - sql.span_reach(bucket)
-                rows += self._db.execute(closed, [*head, bucket, earliest, query.end_ns,
-                                                  query.start_ns, *tail])
+            probe = sql.who_closed(addr_col, port_col, nat, *flags)
+            scan = sql.who_closed(addr_col, port_col, nat, *flags, ranged=True)
+            window = [query.end_ns, query.start_ns]
+            for span in range(sql.MAX_SPAN + 1):
+                first, last = sql.buckets_covering(query.start_ns, query.end_ns, span)
+                if last - first >= WHO_MAX_BUCKETS:  # a long window over short flows
+                    rows += self._db.execute(scan, [span, first, last, *head, *window, *tail])
+                    continue
+                for bucket in range(first, last + 1):
+                    rows += self._db.execute(probe, [span, bucket, *head, *window, *tail])
             matches += [WhoMatch(role, _from_db(values)) for values in rows]
         matches.sort(key=lambda match: match.row.start_ns, reverse=True)
         return matches[:query.limit]
