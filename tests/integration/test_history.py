@@ -233,7 +233,7 @@ def test_open_flows_are_reconciled_at_the_next_start(gateway: Gateway, tmp_path:
     by_port = {d["orig_sport"]: d for d in docs}
     assert sorted(by_port) == [43000, 43001], (docs, err)  # one row each: no duplicates
     gone = by_port[43000]
-    assert gone["closed_by"] == "vanished"
+    assert gone["closed_by"] == "unrecorded"
     assert gone["end_ns"] <= stopped  # bounded by the first run's last record, not by now
     assert by_port[43001]["end"] is None
 

@@ -9,7 +9,7 @@ from typing import Any
 from conntrail.cli.history_common import add_store_option, add_window_options, window
 from conntrail.errors import ConfigError
 from conntrail.formats import history as fmt
-from conntrail.history.store import FlowQuery, open_store
+from conntrail.history.store import FlowQuery, HistoryStore, open_store, read_errors
 
 DESCRIPTION = """\
 List stored flows that were active in a time window and match a filter (the `watch` filter
@@ -74,25 +74,28 @@ def run(args: argparse.Namespace) -> int:
     query = build_query(args)
     store = open_store(args.store, create=False)
     try:
-        rows = store.query(query)
-        out = sys.stdout
-        count = 0
-        if args.format == "json":
-            for row in rows:
-                out.buffer.write(fmt.json_line(row))
-                count += 1
-        elif args.format == "csv":
-            lines = list(rows)
-            count = len(lines)
-            out.writelines(fmt.csv_lines(lines))
-        else:
-            lines = list(rows)
-            count = len(lines)
-            for line in fmt.table_lines(lines):
-                print(line)
-        out.flush()
+        return _print(store, query, args.format)
+    except read_errors() as exc:
+        raise ConfigError("--store", f"{store.url}: {exc}") from exc
     finally:
         store.close()
+
+
+def _print(store: HistoryStore, query: FlowQuery, form: str) -> int:
+    """Print the matching flows; exit 1 when there are none."""
+    rows = store.query(query)
+    out = sys.stdout
+    count = 0
+    if form == "json":
+        for row in rows:
+            out.buffer.write(fmt.json_line(row))
+            count += 1
+    else:
+        lines = list(rows)
+        count = len(lines)
+        out.writelines(fmt.csv_lines(lines) if form == "csv" else
+                       (line + "\n" for line in fmt.table_lines(lines)))
+    out.flush()
     if count == 0:
         print("conntrail: no stored flow matches", file=sys.stderr)
         return 1

@@ -12,12 +12,19 @@ from conntrail.errors import ConfigError
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
 _EPOCH = re.compile(r"^\d{9,11}(\.\d{1,9})?$")
+MAX_NS = 1 << 62  # year 2116: beyond it, nanoseconds leave the stores' 64-bit integers
 
 
 def parse_time(text: str, option: str) -> int:
     """RFC 3339 with a zone (Z or ±hh:mm), epoch seconds (fractions allowed), or `now`,
     to epoch nanoseconds. A time without a zone is refused: it would be a guess."""
-    value = text.strip()
+    ns = _parse_time(text.strip(), text, option)
+    if not 0 <= ns < MAX_NS:
+        raise ConfigError(option, f"time {text!r} is out of range (1970 to 2116)")
+    return ns
+
+
+def _parse_time(value: str, text: str, option: str) -> int:
     if value == "now":
         return time.time_ns()
     if _EPOCH.match(value):
@@ -40,7 +47,10 @@ def parse_duration(text: str, option: str) -> int:
     match = _DURATION.match(text)
     if not match:
         raise ConfigError(option, f"not a duration: {text!r} (e.g. 30s, 5m, 2h, 7d)")
-    return int(float(match.group(1)) * _UNITS_S[match.group(2)] * 1e9)
+    ns = int(float(match.group(1)) * _UNITS_S[match.group(2)] * 1e9)
+    if ns >= MAX_NS:
+        raise ConfigError(option, f"duration {text!r} is too long")
+    return ns
 
 
 def parse_endpoint(text: str, option: str = "ADDRESS") -> tuple[str, int | None]:
@@ -57,6 +67,7 @@ def parse_endpoint(text: str, option: str = "ADDRESS") -> tuple[str, int | None]
         host, port_text = value.split(":")
     else:
         host = value
+    host = host.split("%", 1)[0]  # a link-local scope (fe80::1%eth0) is not stored
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:

@@ -168,14 +168,20 @@ def _with_store(args: argparse.Namespace, base: WatchPlan) -> WatchPlan:
     shown = base.kinds | ({EventKind.DUMP} if args.dump else frozenset())
     options = replace(base.options, kinds=base.kinds | {EventKind.NEW, EventKind.DESTROY},
                       dump=True)
-    return replace(base, formatter=_only_kinds(base.formatter, shown), options=options,
-                   store=args.store, retention_s=retention, max_bytes=max_bytes)
+    # Filters choose what is printed, not what is recorded: a history missing the DESTROYs a
+    # filter dropped would keep those flows open, and answer `who` with them, forever.
+    return replace(base, formatter=_only_shown(base.formatter, shown, base.filters),
+                   filters=[], options=options, store=args.store, retention_s=retention,
+                   max_bytes=max_bytes)
 
 
-def _only_kinds(formatter: Formatter, kinds: frozenset[EventKind]) -> Formatter:
-    """A formatter printing only events of these kinds (and every notice)."""
+def _only_shown(formatter: Formatter, kinds: frozenset[EventKind],
+                filters: list[Filter]) -> Formatter:
+    """A formatter printing only events of these kinds that pass the filters (and every
+    notice)."""
     def only(record: Record) -> bytes:
-        if type(record) is FlowEvent and record.kind not in kinds:
+        if type(record) is FlowEvent and (record.kind not in kinds
+                                          or not all(keep(record) for keep in filters)):
             return b""
         return formatter(record)
 

@@ -13,7 +13,7 @@ from conntrail.cli.timeargs import parse_duration, parse_endpoint, parse_time
 from conntrail.errors import ConfigError
 from conntrail.formats import history as fmt
 from conntrail.formats.timefmt import iso_utc
-from conntrail.history.store import HistoryStore, WhoMatch, WhoQuery, open_store
+from conntrail.history.store import HistoryStore, WhoMatch, WhoQuery, open_store, read_errors
 from conntrail.model import PROTO_NUMBERS
 
 DESCRIPTION = """\
@@ -30,6 +30,7 @@ cover that time (conntrail was not recording, or retention removed it).
 example: conntrail who 198.51.100.7:53500 --at 2026-11-17T14:02:00Z
 """
 NOT_COVERED = 3
+HEARTBEAT_SLACK_NS = 2_000_000_000
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -86,16 +87,25 @@ def _describe(query: WhoQuery) -> str:
 
 
 def _coverage(store: HistoryStore, query: WhoQuery) -> tuple[str, str]:
-    """('full' | 'partial' | 'none', what is missing): did recording cover the window?"""
-    spans = store.coverage(query.start_ns, query.end_ns)
+    """('full' | 'partial' | 'none', what is missing): did recording cover the window? The
+    sessions' union must have no hole in it (a recorder extends its coverage every second,
+    so the last HEARTBEAT_SLACK_NS before it are taken as covered)."""
+    spans = sorted((span.start_ns, span.end_ns + HEARTBEAT_SLACK_NS)
+                   for span in store.coverage(query.start_ns - HEARTBEAT_SLACK_NS,
+                                              query.end_ns))
     if not spans:
         return "none", "the store does not cover that time: conntrail was not recording then"
-    covered_from = min(span.start_ns for span in spans)
-    covered_to = max(span.end_ns for span in spans)
-    if covered_from > query.start_ns or covered_to < query.end_ns:
-        return "partial", (f"the store covers only part of that window "
-                           f"({iso_utc(covered_from)} .. {iso_utc(covered_to)})")
-    return "full", "the store covers that time"
+    reached = query.start_ns
+    for start, end in spans:
+        if start > reached:
+            break
+        reached = max(reached, end)
+    if reached >= query.end_ns:
+        return "full", "the store covers that time"
+    return "partial", (f"recording did not cover all of that window (covered from "
+                       f"{iso_utc(query.start_ns)} to {iso_utc(min(reached, query.end_ns))}"
+                       " at most)" if reached > query.start_ns else
+                       "recording did not cover the start of that window")
 
 
 def _print(matches: list[WhoMatch], as_json: bool) -> None:
@@ -116,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         matches = store.who(query)
         covered, note = _coverage(store, query)
         gaps = store.gaps(query.start_ns - 60_000_000_000, query.end_ns + 60_000_000_000)
+    except read_errors() as exc:
+        raise ConfigError("--store", f"{store.url}: {exc}") from exc
     finally:
         store.close()
     if not args.json:

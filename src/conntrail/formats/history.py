@@ -28,10 +28,12 @@ def endpoint(address: str | None, port: int | None) -> str:
 
 
 def end_text(row: FlowRow) -> str:
-    """The end time, 'open', or '≤time' when only an upper bound is known."""
+    """The end time, 'open', '<=time' (an upper bound) or '>=time' (a lower bound: it ended
+    while nobody recorded)."""
     if row.end_ns is None:
         return "open"
-    bound = "" if row.closed_by == ClosedBy.DESTROY else "<="
+    bound = {ClosedBy.DESTROY: "", ClosedBy.UNRECORDED: ">="}.get(ClosedBy(row.closed_by),
+                                                                  "<=")
     return bound + iso_utc(row.end_ns)
 
 

@@ -26,6 +26,7 @@ class ClosedBy(enum.IntEnum):
     DESTROY = 1  # the kernel's DESTROY event: end_ns is the kernel's stop time
     VANISHED = 2  # missing from a later table dump: ended at or before end_ns
     SUPERSEDED = 3  # its conntrack id was reused by a new flow: ended at or before end_ns
+    UNRECORDED = 4  # ended while nobody recorded: alive at end_ns (the last record), gone after
 
     @property
     def label(self) -> str:
@@ -304,8 +305,9 @@ class Lifecycle:
 
     def _snapshot(self, snap: TableSnapshot, batch: HistoryBatch) -> None:
         """Close what the dump did not contain, if it began before the dump did (a flow
-        alive through the whole dump is always in it). Its end is not known: we store an
-        upper bound (the dump's time, or the earlier run's last write) and say so."""
+        alive through the whole dump is always in it). Its end is not known: we store the
+        dump's time (an upper bound) or the earlier run's last write (a lower bound), and
+        say which."""
         seen = self._dumped.pop(snap.netns, set())
         gone = [key for key, entry in self._open.items()
                 if key[0] == snap.netns and key[1] not in seen
@@ -313,6 +315,9 @@ class Lifecycle:
         for key in gone:
             entry = self._open.pop(key)
             self._remember_gone(key, entry)
-            bound = snap.taken_ns if entry.last_seen_ns is None else entry.last_seen_ns
+            if entry.last_seen_ns is None:  # gone between our NEW and this dump
+                end, why = snap.taken_ns, ClosedBy.VANISHED
+            else:  # left open by an earlier run: alive at its last record, gone by now
+                end, why = entry.last_seen_ns, ClosedBy.UNRECORDED
             batch.closes.append(CloseOp(key[0], key[1], entry.start_ns,
-                                        max(bound, entry.start_ns), ClosedBy.VANISHED))
+                                        max(end, entry.start_ns), why))

@@ -168,7 +168,8 @@ class SqliteStore:
                 db.executemany("INSERT INTO gaps VALUES (?, ?, ?)", batch.gaps)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back itself (disk full, I/O)
+                db.execute("ROLLBACK")
             raise
         if (self.retention_s or self.max_bytes) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + RETENTION_EVERY_S
@@ -199,10 +200,13 @@ class SqliteStore:
                              (cutoff, cutoff))
             self._db.execute("DELETE FROM gaps WHERE at_ns < ?", (cutoff,))
         while self.max_bytes and self.used_bytes() > self.max_bytes:
+            # Until the last deleted flow ended, the store no longer knows everything: say so
+            # to `who` by starting coverage there.
+            gone_until = self._db.execute(sql.OLDEST_END, (RETENTION_CHUNK,)).fetchone()[0]
             removed = self._db.execute(sql.DELETE_OLDEST, (RETENTION_CHUNK,)).rowcount
-            oldest = self._db.execute("SELECT min(start_ns) FROM flows").fetchone()[0]
-            if oldest is not None:  # what is left starts there: say so to `who`
-                self._db.execute("UPDATE coverage SET start_ns = max(start_ns, ?)", (oldest,))
+            if gone_until is not None:
+                self._db.execute("UPDATE coverage SET start_ns = max(start_ns, ?)",
+                                 (gone_until,))
             deleted += removed
             if removed == 0:
                 break
@@ -300,6 +304,13 @@ class SqliteStore:
     def who(self, query: WhoQuery) -> list[WhoMatch]:
         """SNAT, DNAT and local flows that used address[:port] in the window, newest first:
         per role, the open flows and one tight index range per span of the closed ones."""
+        self._db.execute("BEGIN")  # one snapshot: a close between probes cannot show twice
+        try:
+            return self._who(query)
+        finally:
+            self._db.execute("COMMIT")
+
+    def _who(self, query: WhoQuery) -> list[WhoMatch]:
         address = pack(query.address)
         head = [address] + ([query.port] if query.port is not None else [])
         tail = ([query.proto] if query.proto is not None else []) + [query.limit]

@@ -149,6 +149,7 @@ COVERAGE = ("INSERT INTO coverage VALUES (?, ?, ?, ?) ON CONFLICT (session, netn
             "end_ns = max(end_ns, excluded.end_ns)")
 DELETE_CHUNK = ("DELETE FROM flows WHERE rowid IN (SELECT rowid FROM flows WHERE start_ns < ? "
                 "AND end_ns < ? LIMIT ?)")
+OLDEST_END = ("SELECT max(end_ns) FROM (SELECT end_ns FROM flows ORDER BY start_ns LIMIT ?)")
 DELETE_OLDEST = ("DELETE FROM flows WHERE rowid IN (SELECT rowid FROM flows ORDER BY start_ns "
                  "LIMIT ?)")
 

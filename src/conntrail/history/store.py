@@ -126,3 +126,17 @@ def open_store(url: str | None, option: str = "--store", *, create: bool) -> His
     from conntrail.history.sqlite import SqliteStore
 
     return SqliteStore(target.removeprefix("sqlite://"), option, create=create)
+
+
+def read_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a store may raise while reading (turned into one clear line)."""
+    import sqlite3
+
+    errors: list[type[Exception]] = [sqlite3.Error]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)

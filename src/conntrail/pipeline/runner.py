@@ -24,6 +24,7 @@ from conntrail.pipeline.stages import Enricher, Filter, Sink, Source
 log = logging.getLogger(__name__)
 _STOP = None
 MERGE_MAX = 64  # batches folded into one write at most
+HEARTBEAT_S = 1.0  # idle sinks that ask for it get an empty batch this often
 
 
 def _is_notice(record: Record) -> bool:
@@ -280,8 +281,14 @@ class Pipeline:
             pending = source.read()  # start-up dumps queued by start()
             self.deliver(self._limit(self.process(pending), max_events))
         fds = {source.fileno(): source for source in self.sources}
+        beating = [sink for sink in self.sinks if getattr(sink.sink, "heartbeat", False)]
+        next_beat = time.monotonic() + HEARTBEAT_S
         while not stop.is_set() and not self._all_sinks_failed():
             readable, _, _ = select.select(list(fds), [], [], 0.2)
+            if beating and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_S
+                for sink in beating:  # e.g. the history's coverage grows on a quiet host
+                    sink.offer([])
             busy = False
             for fd in readable:
                 records = fds[fd].read()

@@ -13,11 +13,13 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from conntrail.errors import ConfigError
 from conntrail.history.rows import HistoryBatch, Lifecycle
 from conntrail.history.store import HistoryStore, open_store
 from conntrail.model import Record
 
 log = logging.getLogger(__name__)
+RETRY_MAX_ROWS = 1_000_000  # failed row changes kept for the next write, at most
 
 
 class BatchWriter(Protocol):
@@ -39,6 +41,8 @@ class HistorySink:
         self._option = option
         self._store = store
         self._writer: BatchWriter | None = writer
+        self._failed: HistoryBatch | None = None
+        self.heartbeat = True  # the runner offers empty batches when idle: coverage grows
         self.lifecycle = Lifecycle(secrets.randbits(62), list(netns), time.time_ns())
         self.name = "history"
 
@@ -50,6 +54,12 @@ class HistorySink:
         if self._writer is None:
             self._writer = self._store
         self.name = f"history[{self._store.url}]"
+        flush = getattr(self._writer, "flush", None)
+        if flush is not None and not flush():
+            # Spooled batches from an earlier run must be in the store before its open flows
+            # are read, or the reconciliation would not see them (and duplicate them).
+            raise ConfigError(self._option, f"{self._store.url}: the spool of an earlier run "
+                              "could not be replayed; see the log")
         rows, last_seen = self._store.load_open(self.lifecycle.netns)
         self.lifecycle.seed(rows, last_seen)
         if rows:
@@ -78,17 +88,33 @@ class HistorySink:
         return merged
 
     def write(self, payload: HistoryBatch) -> None:
-        """One transaction (worker thread)."""
-        if len(payload):
-            assert self._writer is not None, "open() first"
+        """One transaction (worker thread). A batch that failed is kept and written first
+        next time (writes are idempotent and must stay in order: the lifecycle has moved on
+        and will not send those rows again), up to RETRY_MAX_ROWS."""
+        if self._failed is not None:
+            payload = self.merge([self._failed, payload])
+            self._failed = None
+        if not len(payload):
+            return
+        assert self._writer is not None, "open() first"
+        try:
             self._writer.apply(payload)
+        except Exception:
+            if len(payload) <= RETRY_MAX_ROWS:
+                self._failed = payload
+            else:
+                log.error("%s: %d row changes could not be written and are dropped (more "
+                          "than %d pending)", self.name, len(payload), RETRY_MAX_ROWS)
+            raise
 
     def close(self) -> None:
         """Record how far coverage went, then close the store (open flows stay open)."""
         if self._store is None or self._writer is None:
             return
         try:
-            self._writer.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+            self.write(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+        except Exception:  # at shutdown: say so, and close anyway
+            log.exception("%s: the final write failed", self.name)
         finally:
             self._writer.close()
             if self._writer is not self._store:

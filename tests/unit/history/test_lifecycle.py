@@ -96,7 +96,8 @@ def test_rows_left_open_by_an_earlier_run_end_at_its_last_record(life: Lifecycle
     later = Lifecycle(session=2, netns=["gw"], started_ns=T0 + 60 * S)
     later.seed(rows, seen)
     batch = later.feed([TableSnapshot("gw", 0, T0 + 61 * S)], T0 + 61 * S)
-    assert [(c.ct_id, c.end_ns) for c in batch.closes] == [(1, T0)]
+    assert [(c.ct_id, c.end_ns, c.closed_by) for c in batch.closes] == [
+        (1, T0, ClosedBy.UNRECORDED)]
 
 
 def test_losses_become_gaps(life: Lifecycle) -> None:
