@@ -30,7 +30,7 @@ from conntrail.history.rows import (
     FlowRow,
     HistoryBatch,
 )
-from conntrail.history.store import ATTRIBUTE_COLUMNS, FlowQuery, WhoMatch, WhoQuery
+from conntrail.history.store import FlowQuery, WhoMatch, WhoQuery
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,6 @@ def _merged_coverage(coverage: Iterable[Coverage]) -> list[Coverage]:
         spans[(cov.session, cov.netns)] = cov if old is None else cov._replace(
             start_ns=min(old.start_ns, cov.start_ns), end_ns=max(old.end_ns, cov.end_ns))
     return list(spans.values())
-
-
-def glob_to_like(pattern: str) -> str:
-    """An fnmatch-style glob (`*`, `?`) as a LIKE pattern (backslash escapes)."""
-    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%").replace("?", "_")
 
 
 def _bound(text: str) -> int:
@@ -349,20 +343,15 @@ class PostgresStore:
         if query.start_ns is not None:
             clauses.append("(end_ns IS NULL OR end_ns >= %s)")
             params.append(query.start_ns)
-        for name, value in query.attributes.items():
-            if name not in ATTRIBUTE_COLUMNS:
-                raise ConfigError(self.option, f"unknown attribute {name!r}")
-            if isinstance(value, str):
-                clauses.append(f"{name} LIKE %s")
-                params.append(glob_to_like(value))
-            else:
-                clauses.append(f"{name} = %s")
-                params.append(value)
-        if query.where is not None:
-            from conntrail.history.sqlwhere import Dialect, compile_where
+        from conntrail.history.sqlwhere import Dialect, compile_attributes, compile_where
 
+        attribute_clauses, attribute_params = compile_attributes(
+            query.attributes, Dialect.POSTGRES, self.option)
+        clauses += attribute_clauses
+        params += attribute_params
+        if query.where is not None:
             text, values = compile_where(query.where, Dialect.POSTGRES)
-            clauses.append(f"({text})")
+            clauses.append(text)
             params.extend(values)
         order = "DESC" if query.newest_first else "ASC"
         statement = f"SELECT {schema.SELECT_LIST} FROM {schema.flows_source(query.state)}"

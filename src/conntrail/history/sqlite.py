@@ -26,7 +26,7 @@ from conntrail.errors import ConfigError
 from conntrail.history import sqlite_sql as sql
 from conntrail.history.addr import pack, pack_optional, unpack, unpack_optional
 from conntrail.history.rows import COLUMNS, Coverage, FlowRow, HistoryBatch
-from conntrail.history.store import ATTRIBUTE_COLUMNS, FlowQuery, WhoMatch, WhoQuery
+from conntrail.history.store import FlowQuery, WhoMatch, WhoQuery
 
 log = logging.getLogger(__name__)
 
@@ -253,19 +253,13 @@ class SqliteStore:
             yield _from_db(values)
 
     def _filter_clauses(self, query: FlowQuery) -> tuple[list[str], list[Any]]:
-        """WHERE clauses for the filter expression and the attribution columns."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        for name, value in query.attributes.items():
-            if name not in ATTRIBUTE_COLUMNS:
-                raise ConfigError(self.option, f"unknown attribute {name!r}")
-            clauses.append(f"{name} GLOB ?" if isinstance(value, str) else f"{name} = ?")
-            params.append(value)
-        if query.where is not None:
-            from conntrail.history.sqlwhere import Dialect, compile_where
+        """WHERE clauses for the attribution columns and the filter expression."""
+        from conntrail.history.sqlwhere import Dialect, compile_attributes, compile_where
 
+        clauses, params = compile_attributes(query.attributes, Dialect.SQLITE, self.option)
+        if query.where is not None:
             text, values = compile_where(query.where, Dialect.SQLITE)
-            clauses.append(f"({text})")
+            clauses.append(text)
             params.extend(values)
         return clauses, params
 

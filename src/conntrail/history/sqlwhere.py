@@ -12,10 +12,10 @@ from __future__ import annotations
 import enum
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from conntrail.errors import FilterError
+from conntrail.errors import ConfigError, FilterError
 from conntrail.filters.ast import (
     ORDERED,
     And,
@@ -34,6 +34,7 @@ from conntrail.filters.compiler import compile_predicate
 from conntrail.filters.fields import SPECS, Kind
 from conntrail.history.addr import network_range
 from conntrail.history.rows import NatType
+from conntrail.history.store import ATTRIBUTE_COLUMNS
 from conntrail.model import DccpState, SctpState, TcpState
 
 PATH = "--filter"
@@ -389,3 +390,20 @@ def compile_where(expr: Expr, dialect: Dialect) -> tuple[str, list[object]]:
     parameters in order."""
     sql = _compile(expr, dialect)
     return sql.embedded(), list(sql.params)
+
+
+def compile_attributes(attributes: Mapping[str, int | str], dialect: Dialect,
+                       option: str) -> tuple[list[str], list[object]]:
+    """Clauses (to AND) for the attribution columns, and their parameters: numbers exactly,
+    text by the same fnmatch globs as the filter language, in either dialect."""
+    clauses: list[str] = []
+    params: list[object] = []
+    for name, value in attributes.items():
+        if name not in ATTRIBUTE_COLUMNS:
+            raise ConfigError(option, f"unknown attribute {name!r}")
+        col = _Sql(name, (), nullable=True)
+        sql = _glob_test(col, value, dialect) if isinstance(value, str) else \
+            _in(col, [_param(value, dialect)], _PLACEHOLDER[dialect])
+        clauses.append(sql.embedded())
+        params.extend(sql.params)
+    return clauses, params

@@ -157,3 +157,19 @@ def test_reader_errors_name_the_store(tmp_path: Path) -> None:
 def test_empty_batches_cost_nothing(store: SqliteStore) -> None:
     store.apply(HistoryBatch())
     assert list(store.query(FlowQuery())) == []
+
+
+def test_attribute_columns_match_exactly_or_by_glob(life: Lifecycle, store: SqliteStore) -> None:
+    rows = life.feed([event(EventKind.NEW, i, 40000 + i, T0 + i) for i in (1, 2, 3)], T0).upserts
+    exes = {1: "/usr/bin/curl", 2: "/usr/sbin/sshd", 3: "/usr/bin/a_x%"}
+    store.apply(HistoryBatch(upserts=[r._replace(exe=exes[r.ct_id], pid=10 + r.ct_id)
+                                      for r in rows]))
+
+    def ids(**attributes: int | str) -> list[int]:
+        return [r.ct_id for r in store.query(FlowQuery(attributes=attributes))]
+
+    assert ids(pid=12) == [2]
+    assert ids(exe="/usr/bin/*") == [1, 3]
+    assert ids(exe="*_x%") == [3] and ids(exe="*x_%") == []  # LIKE's wildcards are literal
+    with pytest.raises(ConfigError, match="unknown attribute 'comm'"):
+        list(store.query(FlowQuery(attributes={"comm": "x"})))
