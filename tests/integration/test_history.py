@@ -250,6 +250,10 @@ def test_unreachable_or_missing_store_and_bad_times_are_clear_errors(tmp_path: P
     proc = run_cli("watch", "--store", "postgresql://nobody@127.0.0.1:1/none", "-c", "1")
     assert proc.returncode == 2, proc.stderr
     assert "--store: cannot connect" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("watch", "--store", "postgresql://nobody@127.0.0.1:1/none", "--retention",
+                   "30d", "-c", "1")
+    assert proc.returncode == 2
+    assert "--retention/--max-size: apply to the SQLite store only" in proc.stderr
 
 
 def test_postgres_store_answers_who_across_a_database_restart(gateway: Gateway,

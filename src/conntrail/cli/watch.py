@@ -237,17 +237,10 @@ def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:
     from conntrail.history.store import default_store, is_postgres, open_store
     from conntrail.sinks.history import HistorySink
 
-    store = open_store(watch_plan.store or None, "--store", create=True)
-    if watch_plan.retention_s or watch_plan.max_bytes:
-        if not hasattr(store, "enforce_retention"):
-            store.close()
-            raise ConfigError("--retention/--max-size", "apply to the SQLite store only "
-                              "(PostgreSQL: drop old partitions)")
-        store.retention_s = watch_plan.retention_s  # type: ignore[attr-defined]
-        store.max_bytes = watch_plan.max_bytes  # type: ignore[attr-defined]
-    writer = None
-    if is_postgres(watch_plan.store or default_store()):
-        writer = _spooling_writer(store, watch_plan.store or default_store())
+    url = watch_plan.store or default_store()
+    store = open_store(url, "--store", create=True, retention_s=watch_plan.retention_s,
+                       max_bytes=watch_plan.max_bytes)
+    writer = _spooling_writer(store, url) if is_postgres(url) else None
     return QueuedSink(HistorySink(store.url, netns, store=store, writer=writer))
 
 

@@ -109,14 +109,18 @@ def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(url: str | None, option: str = "--store", *, create: bool) -> HistoryStore:
+def open_store(url: str | None, option: str = "--store", *, create: bool,
+               retention_s: float | None = None, max_bytes: int | None = None) -> HistoryStore:
     """Open the store `url` names (an SQLite path or a PostgreSQL DSN).
 
     `create` makes (and migrates) the schema; readers pass False and get a clear error when
-    there is no store yet.
+    there is no store yet. Retention by age or size applies to SQLite only.
     """
     target = url or default_store()
     if is_postgres(target):
+        if retention_s or max_bytes:
+            raise ConfigError("--retention/--max-size", "apply to the SQLite store only "
+                              "(PostgreSQL: drop old partitions)")
         try:
             from conntrail.history.postgres import PostgresStore
         except ImportError as exc:
@@ -125,7 +129,8 @@ def open_store(url: str | None, option: str = "--store", *, create: bool) -> His
         return PostgresStore(target, option, create=create)
     from conntrail.history.sqlite import SqliteStore
 
-    return SqliteStore(target.removeprefix("sqlite://"), option, create=create)
+    return SqliteStore(target.removeprefix("sqlite://"), option, create=create,
+                       retention_s=retention_s, max_bytes=max_bytes)
 
 
 def read_errors() -> tuple[type[Exception], ...]:
