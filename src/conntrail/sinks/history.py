@@ -41,6 +41,9 @@ class HistorySink:
         self._option = option
         self._store = store
         self._writer: BatchWriter | None = writer
+        # A writer of its own (the PostgreSQL spool) keeps failed batches itself; keeping
+        # them here too would apply them twice.
+        self._keep_failed = writer is None
         self._failed: HistoryBatch | None = None
         self.heartbeat = True  # the runner offers empty batches when idle: coverage grows
         self.lifecycle = Lifecycle(secrets.randbits(62), list(netns), time.time_ns())
@@ -100,6 +103,8 @@ class HistorySink:
         try:
             self._writer.apply(payload)
         except Exception:
+            if not self._keep_failed:
+                raise
             if len(payload) <= RETRY_MAX_ROWS:
                 self._failed = payload
             else:
