@@ -340,12 +340,6 @@ class SqliteStore:
                                   "BETWEEN ? AND ? ORDER BY at_ns", (start_ns, end_ns))
         return [(str(n), int(t), None if lost is None else int(lost)) for n, t, lost in cursor]
 
-    def bounds(self) -> tuple[int, int] | None:
-        """Earliest and latest recorded moments, or None for an empty store."""
-        low, high = self._db.execute("SELECT min(start_ns), max(end_ns) FROM coverage")\
-            .fetchone()
-        return None if low is None else (int(low), int(high))
-
     def close(self) -> None:
         """Close the connection (idempotent); a WAL checkpoint happens on the last close."""
         self._db.close()

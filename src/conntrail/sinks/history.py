@@ -70,12 +70,6 @@ class HistorySink:
                      self.name, len(rows))
         self._writer.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
 
-    @property
-    def store(self) -> HistoryStore:
-        """The open store."""
-        assert self._store is not None, "open() first"
-        return self._store
-
     def encode(self, batch: Sequence[Record]) -> HistoryBatch:
         """The store operations this batch implies (pipeline thread, in order)."""
         return self.lifecycle.feed(batch, time.time_ns())
