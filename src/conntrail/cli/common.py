@@ -13,6 +13,7 @@ from typing import Any
 
 from conntrail.errors import ConfigError
 from conntrail.kernel.socket import BufferPolicy
+from conntrail.model import PROTO_NUMBERS
 
 MAX_BUFFER = 1 << 30  # the kernel caps socket buffers at INT_MAX / 2
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -94,3 +95,20 @@ def restore_signals(previous: dict[int, Any]) -> None:
     """Put back the handlers `install_signals` replaced."""
     for sig, old in previous.items():
         signal.signal(sig, old)
+
+
+def parse_protocols(values: list[str]) -> frozenset[int]:
+    """-p values (names or numbers, comma-separated) to protocol numbers."""
+    out = set()
+    for value in ",".join(values).split(","):
+        name = value.strip().lower()
+        if not name:
+            continue
+        if name.isdigit() and 0 <= int(name) <= 255:
+            out.add(int(name))
+        elif name in PROTO_NUMBERS:
+            out.add(PROTO_NUMBERS[name])
+        else:
+            raise ConfigError("--proto", f"unknown protocol {value!r}; known: "
+                              + ", ".join(sorted(PROTO_NUMBERS)))
+    return frozenset(out)

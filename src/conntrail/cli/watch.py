@@ -14,6 +14,7 @@ from conntrail.cli.common import (
     apply_priority,
     buffer_policy,
     install_signals,
+    parse_protocols,
     parse_size,
     restore_signals,
     silence_stdout,
@@ -23,7 +24,7 @@ from conntrail.formats.fields import ALIASES, FIELDS
 from conntrail.formats.text import DEFAULT_TEMPLATE
 from conntrail.history.store import HistoryStore
 from conntrail.kernel.netns import resolve
-from conntrail.model import PROTO_NUMBERS, EventKind, FlowEvent, Record
+from conntrail.model import EventKind, FlowEvent, Record
 from conntrail.pipeline import registry
 from conntrail.pipeline.runner import Pipeline, QueuedSink
 from conntrail.pipeline.stages import Filter, Formatter, Source
@@ -98,23 +99,6 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                         help="SCHED_FIFO priority 1-99 (strongest protection against loss)")
     add_kernel_options(parser)
     parser.set_defaults(run=run)
-
-
-def parse_protocols(values: list[str]) -> frozenset[int]:
-    """-p values (names or numbers, comma-separated) to protocol numbers."""
-    out = set()
-    for value in ",".join(values).split(","):
-        name = value.strip().lower()
-        if not name:
-            continue
-        if name.isdigit() and 0 <= int(name) <= 255:
-            out.add(int(name))
-        elif name in PROTO_NUMBERS:
-            out.add(PROTO_NUMBERS[name])
-        else:
-            raise ConfigError("--proto", f"unknown protocol {value!r}; known: "
-                              + ", ".join(sorted(PROTO_NUMBERS)))
-    return frozenset(out)
 
 
 @dataclass(frozen=True)

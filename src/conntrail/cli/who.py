@@ -8,13 +8,13 @@ from typing import Any
 
 import orjson
 
+from conntrail.cli.common import parse_protocols
 from conntrail.cli.history_common import add_store_option
 from conntrail.cli.timeargs import parse_duration, parse_endpoint, parse_time
 from conntrail.errors import ConfigError
 from conntrail.formats import history as fmt
 from conntrail.formats.timefmt import iso_utc
 from conntrail.history.store import HistoryStore, WhoMatch, WhoQuery, open_store, read_errors
-from conntrail.model import PROTO_NUMBERS
 
 DESCRIPTION = """\
 Who was behind a public (post-NAT) address and port at a given time? Looks for
@@ -70,10 +70,10 @@ def build_query(args: argparse.Namespace) -> WhoQuery:
         raise ConfigError("--from", "the window starts after it ends")
     proto = None
     if args.proto:
-        name = args.proto.lower()
-        proto = int(name) if name.isdigit() else PROTO_NUMBERS.get(name)
-        if proto is None:
-            raise ConfigError("--proto", f"unknown protocol {args.proto!r}")
+        protocols = parse_protocols([args.proto])
+        if len(protocols) != 1:
+            raise ConfigError("--proto", f"one protocol, not {args.proto!r}")
+        [proto] = protocols
     if args.limit <= 0:
         raise ConfigError("--limit", "must be positive")
     return WhoQuery(address, port, start, end, proto, args.limit)

@@ -23,6 +23,9 @@ from conntrail.cli.main import main
     (["decode", "/nonexistent/file.hex"], "FILE: /nonexistent/file.hex"),
     (["record", "-o", "/nonexistent/dir/x.hex", "--netns", "a", "--netns", "b"],
      "--netns: record takes one namespace"),
+    (["who", "198.51.100.7:1", "-p", "999"], "--proto: unknown protocol '999'"),
+    (["who", "198.51.100.7:1", "-p", "tcp,udp"], "--proto: one protocol, not 'tcp,udp'"),
+    (["who", "198.51.100.7:1", "--at", "2300-01-01T00:00:00Z"], "--at: time "),
 ])
 def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
