@@ -16,7 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from conntrail.model import CtStatus, EventKind, Flow, FlowEvent, LossNotice, TableSnapshot
+from conntrail.model import (
+    Counters,
+    CtStatus,
+    EventKind,
+    Flow,
+    FlowEvent,
+    FlowTuple,
+    LossNotice,
+    TableSnapshot,
+)
 
 
 class ClosedBy(enum.IntEnum):
@@ -321,3 +330,24 @@ class Lifecycle:
                 end, why = entry.last_seen_ns, ClosedBy.UNRECORDED
             batch.closes.append(CloseOp(key[0], key[1], entry.start_ns,
                                         max(end, entry.start_ns), why))
+
+
+def flow_of_row(row: FlowRow) -> Flow:
+    """The flow a stored row describes (the inverse of `build_row`, as far as rows keep)."""
+    orig = FlowTuple(row.family, row.proto, row.orig_src, row.orig_dst, row.orig_sport,
+                     row.orig_dport, row.icmp_type, row.icmp_code, row.icmp_id)
+    reply = None
+    if row.reply_src is not None and row.reply_dst is not None:
+        reply = FlowTuple(row.family, row.proto, row.reply_src, row.reply_dst,
+                          row.reply_sport, row.reply_dport, row.icmp_type, row.icmp_code,
+                          row.icmp_id)
+    return Flow(orig=orig, reply=reply, status=CtStatus(row.status), proto_state=row.state,
+                mark=row.mark, zone=row.zone,
+                labels=None if row.labels is None else int(row.labels, 16), ct_id=row.ct_id,
+                counters_orig=_counters(row.orig_packets, row.orig_bytes),
+                counters_reply=_counters(row.reply_packets, row.reply_bytes),
+                start_ns=row.start_ns, stop_ns=row.end_ns)
+
+
+def _counters(packets: int | None, nbytes: int | None) -> Counters | None:
+    return None if packets is None or nbytes is None else Counters(packets, nbytes)

@@ -1,0 +1,1 @@
+"""Flow inventory: distinct flows seen, their views, state file, and firewall rules."""
