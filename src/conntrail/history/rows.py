@@ -58,6 +58,7 @@ class NatType(enum.IntEnum):
 
 
 _SNAT, _DNAT = int(CtStatus.SRC_NAT), int(CtStatus.DST_NAT)
+_ANSWERED = int(CtStatus.SEEN_REPLY | CtStatus.ASSURED)
 
 
 def nat_code(status: int) -> int:
@@ -191,6 +192,7 @@ class OpenEntry:
     # For a flow left open by an earlier run: when that run last wrote. Should the next dump
     # not contain the flow, that is its end as far as the record can tell.
     last_seen_ns: int | None = None
+    answered: bool = False  # the stored status already says the other side replied
 
 
 def _orig_key(flow: Flow) -> tuple[object, ...]:
@@ -263,7 +265,22 @@ class Lifecycle:
             self._destroy(event, batch)
         elif kind is EventKind.NEW or kind is EventKind.DUMP:
             self._open_flow(event, batch)
-        # UPDATE changes nothing we store: DESTROY brings the final status and counters.
+        elif kind is EventKind.UPDATE:
+            self._update(event, batch)
+
+    def _update(self, event: FlowEvent, batch: HistoryBatch) -> None:
+        """The first sign of a reply is stored at once (one write per answered flow), so an
+        open flow says whether it was answered (inventory's "confirmed"); other updates
+        wait for DESTROY, which brings the final status and counters."""
+        flow = event.flow
+        if not int(flow.status) & _ANSWERED:
+            return
+        key = (event.netns, flow.ct_id or 0)
+        entry = self._open.get(key)
+        if entry is None or entry.answered or entry.orig != _orig_key(flow):
+            return
+        entry.answered = True
+        batch.upserts.append(build_row(flow, event.netns, entry.start_ns, None, ClosedBy.OPEN))
 
     def _open_flow(self, event: FlowEvent, batch: HistoryBatch) -> None:
         flow = event.flow
@@ -284,6 +301,7 @@ class Lifecycle:
             self._open[key] = entry
         else:
             entry.last_seen_ns = None  # alive now: the earlier run's bound no longer applies
+        entry.answered = entry.answered or bool(int(flow.status) & _ANSWERED)
         batch.upserts.append(build_row(flow, event.netns, entry.start_ns, None, ClosedBy.OPEN))
 
     def _destroy(self, event: FlowEvent, batch: HistoryBatch) -> None:

@@ -59,6 +59,24 @@ def test_new_then_destroy_is_one_row_keyed_by_the_new(life: Lifecycle) -> None:
     assert life.open_count() == 0
 
 
+def test_the_first_reply_is_stored_at_once_and_later_updates_are_not(
+        life: Lifecycle) -> None:
+    def unanswered(kind: EventKind, at: int) -> FlowEvent:
+        base = event(kind, 7, 40000, at)
+        return base._replace(flow=base.flow._replace(status=CtStatus.CONFIRMED))
+
+    opened = life.feed([unanswered(EventKind.NEW, T0)], T0)
+    quiet = life.feed([unanswered(EventKind.UPDATE, T0 + 1)], T0 + 1)
+    answered = life.feed([event(EventKind.UPDATE, 7, 40000, T0 + 2),
+                          event(EventKind.UPDATE, 7, 40000, T0 + 3)], T0 + 3)
+    assert not quiet.upserts
+    [row_open], [row_answered] = opened.upserts, answered.upserts
+    assert row_answered.key == row_open.key and row_answered.end_ns is None
+    assert row_answered.status & CtStatus.SEEN_REPLY and not row_open.status & CtStatus.SEEN_REPLY
+    other = life.feed([event(EventKind.UPDATE, 8, 40001, T0 + 4)], T0 + 4)
+    assert not other.upserts  # an update of a flow we never opened writes nothing
+
+
 def test_destroy_without_new_uses_the_kernel_start(life: Lifecycle) -> None:
     [row] = life.feed([event(EventKind.DESTROY, 9, 40001, T0, start=T0 - 9 * S,
                              stop=T0)], T0).upserts
