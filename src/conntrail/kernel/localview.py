@@ -1,0 +1,175 @@
+"""A namespace's local view: its own addresses, broadcasts, listening ports and ephemeral range.
+
+Read from inside the namespace: RTM_GETADDR over NETLINK_ROUTE, inet_diag dumps over
+NETLINK_SOCK_DIAG and net.ipv4.ip_local_port_range from /proc/sys. A flow inventory uses it to
+tell inbound, outbound and forwarded flows apart and to know which source ports are ephemeral.
+The dumps ask only for TCP in LISTEN and UDP in CLOSE (unconnected), so we decode only those,
+and the kernel never walks the established-connection hash. It does still walk its host-wide
+listening and UDP hashes (skipping other namespaces' sockets): about 10 µs per dump per 1,000
+such sockets elsewhere on the host, measured on 6.18.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from conntrail.errors import KernelError
+from conntrail.kernel import sysctl
+from conntrail.kernel.netns import NetnsRef, entered
+from conntrail.model import AF_INET, AF_INET6
+from conntrail.netlink.rtnl import IfAddress, IfaFlag, decode_addr_dump, encode_getaddr_request
+from conntrail.netlink.sockdiag import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TcpState,
+    decode_diag_dump,
+    encode_diag_request,
+    states_mask,
+)
+
+NETLINK_ROUTE = 0  # linux/netlink.h
+NETLINK_SOCK_DIAG = 4
+PORT_RANGE = "net/ipv4/ip_local_port_range"
+LIMITED_BROADCAST = "255.255.255.255"
+
+_RECV_SIZE = 1 << 16  # a dump skb is at most 32 KiB; MSG_TRUNC is checked anyway
+_TIMEOUT = 5.0  # seconds; a dump is answered at once, this only stops a hang
+_LISTEN = states_mask(TcpState.LISTEN)
+_UNCONNECTED = states_mask(TcpState.CLOSE)  # UDP: CLOSE until connect(), ESTABLISHED after
+# Destinations always delivered locally, by the first five characters of their text: IPv4
+# multicast 224.0.0.0/4 and loopback 127.0.0.0/8 (its whole prefix is a `local` route) as
+# "224.0" … "239.9", "127.0" … "127.9"; IPv6 multicast ff00::/8 as "ff00:" … "ffff:" (its first
+# group always has four hex digits; "ff::1" is 00ff::1). One slice and one set lookup: ~75 ns
+# on a miss where a prefix tuple for str.startswith took 130-170 ns (measured).
+_LOCAL_PREFIXES = frozenset(
+    {f"{octet}.{digit}" for octet in (*range(224, 240), 127) for digit in range(10)}
+    | {f"ff{byte:02x}:" for byte in range(256)})
+
+# Already inside the namespace: a second setns round trip would cost as much as the rest.
+_CURRENT = NetnsRef("", None)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalView:
+    """What one network namespace considers its own: addresses, listeners, ephemeral ports."""
+
+    addresses: frozenset[str]  # every address on its interfaces (v4 and v6, 127.0.0.1, ::1)
+    broadcasts: frozenset[str]  # IPv4 broadcast addresses of those interfaces
+    port_range: tuple[int, int]  # its net.ipv4.ip_local_port_range (inclusive)
+    tcp_listening: frozenset[int]  # local ports of TCP sockets in LISTEN, v4 and v6
+    udp_bound: frozenset[int]  # local ports of unconnected UDP sockets, v4 and v6
+    _destinations: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_destinations",
+                           self.addresses | self.broadcasts | {LIMITED_BROADCAST})
+
+    def is_local_destination(self, address: str) -> bool:
+        """True when a packet to `address` is delivered here: one of its addresses or
+        broadcasts, 255.255.255.255, 127.0.0.0/8, or multicast (224.0.0.0/4, ff00::/8).
+
+        Per event on the inventory's hot path: one set lookup, then one of a 5-char slice.
+        """
+        return address in self._destinations or address[:5] in _LOCAL_PREFIXES
+
+
+def read_local_view(netns: NetnsRef) -> LocalView:
+    """Read `netns`'s local view; KernelError when the namespace is gone or netlink fails."""
+    with ExitStack() as stack:
+        with entered(netns):  # one round trip: the sockets stay bound to netns afterwards
+            route = stack.enter_context(_open(NETLINK_ROUTE, "NETLINK_ROUTE", netns))
+            diag = stack.enter_context(_open(NETLINK_SOCK_DIAG, "NETLINK_SOCK_DIAG", netns))
+            port_range = _port_range(netns)
+        addresses = _dump(route, encode_getaddr_request(1), decode_addr_dump, "address dump",
+                          netns)
+        tcp: set[int] = set()
+        udp: set[int] = set()
+        for seq, family in enumerate((AF_INET, AF_INET6), start=1):
+            request = encode_diag_request(family, IPPROTO_TCP, _LISTEN, seq)
+            tcp.update(s.sport for s in _dump(diag, request, decode_diag_dump,
+                                              "TCP listener dump", netns))
+            request = encode_diag_request(family, IPPROTO_UDP, _UNCONNECTED, seq)
+            udp.update(s.sport for s in _dump(diag, request, decode_diag_dump, "UDP socket dump",
+                                              netns) if s.dport == 0)
+    return LocalView(frozenset(a.address for a in addresses), broadcasts(addresses), port_range,
+                     frozenset(tcp), frozenset(udp))
+
+
+def broadcasts(addresses: Iterable[IfAddress]) -> frozenset[str]:
+    """The IPv4 broadcasts the kernel installs for these addresses (fib_add_ifaddr): each
+    explicit IFA_BROADCAST, and the network broadcast of every primary address whose prefix
+    is shorter than /31, with or without `brd` (its interface is assumed up)."""
+    out: set[str] = set()
+    for address in addresses:
+        if address.family != AF_INET:
+            continue
+        if address.broadcast is not None:
+            out.add(address.broadcast)
+        if address.prefixlen < 31 and not address.flags & IfaFlag.SECONDARY:
+            network = ipaddress.IPv4Network(f"{address.peer or address.address}/"
+                                            f"{address.prefixlen}", strict=False)
+            if network.network_address.packed[0] != 0:  # ipv4_is_zeronet: no broadcast
+                out.add(str(network.broadcast_address))
+    return frozenset(out)
+
+
+def _where(netns: NetnsRef) -> str:
+    return f" in network namespace {netns.name!r}" if netns.name else ""
+
+
+def _open(protocol: int, name: str, netns: NetnsRef) -> socket.socket:
+    """A netlink socket of `protocol` in the calling thread's current namespace."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             protocol)
+    except OSError as exc:
+        raise KernelError(f"{name} socket{_where(netns)}: {exc.strerror}") from exc
+    try:
+        sock.bind((0, 0))
+        sock.settimeout(_TIMEOUT)
+    except OSError as exc:
+        sock.close()
+        raise KernelError(f"{name} socket{_where(netns)}: {exc.strerror}") from exc
+    return sock
+
+
+def _dump(sock: socket.socket, request: bytes,
+          decode: Callable[[bytes], tuple[list[_T], bool, int]], what: str,
+          netns: NetnsRef) -> list[_T]:
+    """Send one dump request and collect every record of its reply, up to NLMSG_DONE."""
+    out: list[_T] = []
+    try:
+        sock.sendto(request, (0, 0))
+        while True:
+            data, _, flags, _ = sock.recvmsg(_RECV_SIZE)
+            if flags & socket.MSG_TRUNC:
+                raise KernelError(f"{what}{_where(netns)}: reply datagram larger than "
+                                  f"{_RECV_SIZE} bytes")
+            records, done, errno = decode(data)
+            if errno:
+                raise KernelError(f"{what}{_where(netns)}: {os.strerror(errno)}")
+            out.extend(records)
+            if done:
+                return out
+    except TimeoutError as exc:
+        raise KernelError(f"{what}{_where(netns)}: no reply in {_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise KernelError(f"{what}{_where(netns)}: {exc.strerror}") from exc
+
+
+def _port_range(netns: NetnsRef) -> tuple[int, int]:
+    """ip_local_port_range of the namespace the calling thread is in (inside `entered`)."""
+    text = sysctl.read(PORT_RANGE, _CURRENT)  # /proc/sys/net follows the thread's netns
+    try:
+        low, high = (int(part) for part in text.split())
+    except ValueError as exc:
+        raise KernelError(f"sysctl {PORT_RANGE}{_where(netns)}: unexpected value "
+                          f"{text!r}") from exc
+    return low, high
