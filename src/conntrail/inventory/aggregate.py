@@ -34,7 +34,6 @@ MAX_NAMESPACES = 0xFFFF
 _CONFIRMED = int(CtStatus.SEEN_REPLY | CtStatus.ASSURED)
 _LOCAL, _OUTBOUND, _INBOUND, _FORWARDED = (int(Direction.LOCAL), int(Direction.OUTBOUND),
                                            int(Direction.INBOUND), int(Direction.FORWARDED))
-_LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
 
 
 class Locality(Protocol):
@@ -85,10 +84,16 @@ def classify(locality: Locality | None, src: str, dst: str) -> Direction:
 
 def _classify(locality: Locality | None, src: str, dst: str) -> int:
     if locality is None:  # unknown namespace: only loopback can be told apart
-        return _LOCAL if src.startswith(_LOOPBACK_PREFIXES) else _FORWARDED
-    if src in locality.addresses:
-        return _LOCAL if dst in locality.addresses else _OUTBOUND
+        return _LOCAL if _is_loopback(src) else _FORWARDED
+    if src in locality.addresses or _is_loopback(src):
+        # Our own broadcasts and multicasts go out: only unicast to ourselves is local.
+        return _LOCAL if dst in locality.addresses or _is_loopback(dst) else _OUTBOUND
     return _INBOUND if locality.is_local_destination(dst) else _FORWARDED
+
+
+def _is_loopback(address: str) -> bool:
+    """127.0.0.0/8 (all of it is delivered locally, not only interface addresses) or ::1."""
+    return address.startswith("127.") or address == "::1"
 
 
 class Inventory:

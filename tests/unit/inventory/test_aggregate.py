@@ -111,6 +111,7 @@ def test_source_port_options() -> None:
     ("198.18.2.2", "198.18.1.1", Direction.INBOUND),
     ("198.18.2.2", "198.18.3.3", Direction.FORWARDED),
     ("127.0.0.1", "127.0.0.1", Direction.LOCAL),
+    ("127.0.0.1", "127.0.0.53", Direction.LOCAL),  # all of 127/8 is local, not only lo's address
     ("2001:db8:1::1", "2001:db8:2::2", Direction.OUTBOUND),
     ("0.0.0.0", "255.255.255.255", Direction.INBOUND),  # a DHCP discover reaching a server
     ("198.18.1.9", "198.18.1.255", Direction.INBOUND),  # subnet broadcast
