@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from conntrail import __version__
-from conntrail.cli import decode, query, record, watch, who
+from conntrail.cli import decode, inventory, query, record, watch, who
 from conntrail.cli.common import silence_stdout
 from conntrail.errors import ConntrailError
 
-SUBCOMMANDS = (watch, who, query, record, decode)
+SUBCOMMANDS = (watch, who, query, inventory, record, decode)
 
 
 def build_parser() -> argparse.ArgumentParser:

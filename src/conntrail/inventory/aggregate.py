@@ -112,6 +112,14 @@ class Inventory:
         self.packets = array("Q")
         self.bytes = array("Q")
         self.events = 0
+        # Namespaces whose start-up dump is complete: a later dump is a resync after lost
+        # events, and lists flows whose NEW we counted already. They count only when they
+        # make a new entry (their NEW was among the lost).
+        self._synced: set[str] = set()
+
+    def dump_complete(self, netns: str) -> None:
+        """A table dump of `netns` ended (TableSnapshot): later dumps are resyncs."""
+        self._synced.add(netns)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -151,7 +159,8 @@ class Inventory:
             self.last[row] = last
         if confirmed:
             self.confirmed[row] = 1
-        if whole or kind is EventKind.NEW or kind is EventKind.DUMP:
+        if whole or kind is EventKind.NEW or (kind is EventKind.DUMP
+                                              and event.netns not in self._synced):
             self.flows[row] += 1
         if whole or kind is EventKind.DESTROY:
             self._add_counters(row, flow)
@@ -287,6 +296,9 @@ class Snapshot:
             yield decode_entry(key, self.netns, self.values(row))
 
 
+_DIRECTIONS = {member.value: member for member in Direction}  # Direction(n) costs ~0.3 µs
+
+
 def decode_entry(key: bytes, netns: list[str],
                  values: tuple[int, int, int, int, int, int]) -> InventoryEntry:
     """An entry from its packed key and its counters."""
@@ -295,7 +307,7 @@ def decode_entry(key: bytes, netns: list[str],
     first, last, flows, confirmed, packets, nbytes = values
     icmp = flags & FLAG_ICMP
     return InventoryEntry(
-        netns[ns], Direction(direction), family, proto, src, dst,
+        netns[ns], _DIRECTIONS[direction], family, proto, src, dst,
         sport if flags & FLAG_SPORT else None,
         port if flags & FLAG_PORTED else None,
         port >> 8 if icmp else None, port & 0xFF if icmp else None,

@@ -95,13 +95,22 @@ def _network(address: str, prefix: int) -> str:
     return address if network.prefixlen == network.max_prefixlen else str(network)
 
 
-@functools.lru_cache(maxsize=65536)
 def _address_order(text: str) -> tuple[int, int, int]:
-    """Sort an address, a network or '' (any, first) numerically."""
+    """Sort an address, a network or '' (any, first) numerically. IPv4 is parsed by hand:
+    ipaddress costs ~4 µs an address, and a dump sorts two per entry."""
     if not text:
         return (0, 0, 0)
-    network = ipaddress.ip_network(text, strict=False)
-    return (network.version, int(network.network_address), network.prefixlen)
+    address, _, prefix = text.partition("/")
+    if ":" not in address:
+        a, b, c, d = address.split(".")
+        value = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+        return (4, value, int(prefix) if prefix else 32)
+    return (6, _ipv6_value(address), int(prefix) if prefix else 128)
+
+
+@functools.lru_cache(maxsize=65536)
+def _ipv6_value(address: str) -> int:
+    return int(ipaddress.IPv6Address(address))
 
 
 def sort_key(entry: InventoryEntry) -> tuple[object, ...]:

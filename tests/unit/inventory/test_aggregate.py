@@ -202,3 +202,18 @@ def test_a_snapshot_does_not_see_later_events(inventory: Inventory) -> None:
     inventory.add(flow_event("198.18.1.1", "198.18.2.3", 40001, 80))
     assert [entry.flows for entry in snapshot.entries()] == [1]
     assert len(snapshot) == 1 and len(inventory) == 2
+
+
+def test_a_resync_dump_does_not_count_flows_again(inventory: Inventory) -> None:
+    def dumped(sport: int) -> FlowEvent:
+        return flow_event("198.18.1.1", "198.18.2.2", sport, 80, kind=EventKind.DUMP)
+
+    inventory.add(dumped(40000))
+    inventory.add(dumped(40001))  # the start-up dump: both flows count
+    inventory.dump_complete("")
+    inventory.add(flow_event("198.18.1.1", "198.18.2.2", 40002, 80))
+    inventory.add(dumped(40000))  # a resync after losses lists them again
+    inventory.add(dumped(40002))
+    assert only(inventory).flows == 3
+    inventory.add(flow_event("198.18.1.1", "198.18.2.3", 40003, 80, kind=EventKind.DUMP))
+    assert len(inventory) == 2  # a flow only the resync shows (its NEW was lost) is kept

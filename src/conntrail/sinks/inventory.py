@@ -1,0 +1,184 @@
+"""The inventory sink: counts every flow into the inventory and dumps it when asked.
+
+Ingest runs in `encode`, on the pipeline thread in event order. A dump is due on request
+(SIGUSR1), on a timer, and at exit; `encode` then takes a snapshot (a copy: ~50 ms per
+million entries) and hands it to the worker thread, which groups, sorts, renders, writes and
+saves it, so ingest never waits for a dump to be written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from conntrail.formats.inventory import DumpInfo
+from conntrail.inventory import persist
+from conntrail.inventory.aggregate import Inventory, Locality, Snapshot
+from conntrail.inventory.model import InventoryEntry
+from conntrail.inventory.view import ViewOptions, build_view
+from conntrail.model import FlowEvent, LossNotice, Record, TableSnapshot
+
+log = logging.getLogger(__name__)
+LOCALITY_REFRESH_S = 5.0
+SAVE_INTERVAL_S = 300.0
+
+Renderer = Callable[[list[InventoryEntry], DumpInfo], bytes]
+"""A dump's entries (grouped and sorted) to the bytes written."""
+
+
+class LocalityCache:
+    """Each namespace's locality, re-read every few seconds (addresses and listeners change).
+
+    Looked up per event, so the lookup is a plain dict hit; `refresh_due` runs once a batch.
+    A namespace that cannot be read (gone) has no locality: its flows are then classified
+    by loopback only, and this is logged once.
+    """
+
+    def __init__(self, read: Callable[[str], Locality], refresh_s: float = LOCALITY_REFRESH_S
+                 ) -> None:
+        self._read = read
+        self._refresh_s = refresh_s
+        self._views: dict[str, Locality | None] = {}
+        self._next = time.monotonic() + refresh_s
+        self._failed: set[str] = set()
+
+    def __call__(self, netns: str) -> Locality | None:
+        try:
+            return self._views[netns]
+        except KeyError:
+            return self._load(netns)
+
+    def _load(self, netns: str) -> Locality | None:
+        try:
+            view: Locality | None = self._read(netns)
+        except Exception as exc:  # noqa: BLE001 - any failure: classify without a locality
+            if netns not in self._failed:
+                self._failed.add(netns)
+                log.warning("netns %s: cannot read its addresses (%s); its flows are "
+                            "classified as forwarded unless loopback", netns or "(host)", exc)
+            view = None
+        self._views[netns] = view
+        return view
+
+    def refresh_due(self) -> None:
+        """Re-read every namespace's locality when the refresh interval has passed."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._refresh_s
+        for netns in list(self._views):
+            self._load(netns)
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    """How dumps are made: view, renderer, destination, persistence, schedule."""
+
+    view: ViewOptions
+    render: Renderer
+    output: Path | None = None  # None: standard output; a path is replaced atomically
+    state: Path | None = None  # the state file, or None (not persisted)
+    interval_s: float | None = None  # timer dumps
+    on_exit: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Dump:
+    snapshot: Snapshot
+    info: DumpInfo
+    show: bool  # False: only save the state
+
+
+class InventorySink:
+    """Feeds the inventory; dumps on request, on the timer and at exit."""
+
+    def __init__(self, inventory: Inventory, plan: DumpPlan, locality: LocalityCache,
+                 requested: threading.Event, stream: BinaryIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inventory = inventory
+        self.plan = plan
+        self.locality = locality
+        self.requested = requested
+        self.stream = stream or sys.stdout.buffer
+        self.name = "inventory"
+        self.heartbeat = True  # idle: the runner still calls encode, so timers fire
+        self.lost = 0
+        self.dumps = 0
+        self._closed = False
+        self._clock = clock
+        now = clock()
+        self._next_dump = now + plan.interval_s if plan.interval_s else None
+        self._next_save = now + SAVE_INTERVAL_S
+
+    def open(self) -> None:
+        """Nothing to open: the state was loaded before the kernel was touched."""
+
+    def encode(self, batch: Sequence[Record]) -> _Dump | None:
+        """Ingest the batch; a snapshot when a dump or a save is due."""
+        self.locality.refresh_due()
+        add = self.inventory.add
+        for record in batch:
+            if type(record) is FlowEvent:
+                add(record)
+            elif isinstance(record, LossNotice):
+                self.lost += record.lost or 1
+            elif isinstance(record, TableSnapshot):
+                self.inventory.dump_complete(record.netns)
+        return self._due()
+
+    def _due(self) -> _Dump | None:
+        now = self._clock()
+        reason = None
+        if self.requested.is_set():
+            self.requested.clear()
+            reason = "signal"
+        elif self._next_dump is not None and now >= self._next_dump:
+            reason = "timer"
+        if reason is not None:
+            if self.plan.interval_s:
+                self._next_dump = now + self.plan.interval_s
+            self._next_save = now + SAVE_INTERVAL_S
+            return self._dump(reason, show=True)
+        if self.plan.state is not None and now >= self._next_save:
+            self._next_save = now + SAVE_INTERVAL_S
+            return self._dump("save", show=False)
+        return None
+
+    def _dump(self, reason: str, show: bool) -> _Dump:
+        info = DumpInfo(time.time_ns(), self.inventory.events, self.lost, reason)
+        return _Dump(self.inventory.snapshot(), info, show)
+
+    def write(self, payload: _Dump | None) -> None:
+        """Render, write and save a dump (worker thread)."""
+        if payload is None:
+            return
+        if payload.show:
+            entries = build_view(payload.snapshot.entries(), self.plan.view)
+            self._emit(self.plan.render(entries, payload.info))
+            self.dumps += 1
+        if self.plan.state is not None:
+            persist.save(self.plan.state, payload.snapshot, payload.info.taken_ns)
+
+    def _emit(self, data: bytes) -> None:
+        output = self.plan.output
+        if output is None:
+            self.stream.write(data)
+            self.stream.flush()
+            return
+        temporary = output.with_name(f".{output.name}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, output)
+
+    def close(self) -> None:
+        """The final dump (and save), after the worker has finished."""
+        if self._closed:
+            return
+        self._closed = True
+        self.write(self._dump("exit", show=self.plan.on_exit))
