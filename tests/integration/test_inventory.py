@@ -178,9 +178,8 @@ def test_inventory_collapses_confirms_and_dumps_on_signal(site: Site, tmp_path: 
     assert entries_by_shape(json.loads(proc.stdout)).keys() == shapes.keys()
 
 
-def test_the_emitted_ruleset_admits_what_was_seen_and_nothing_else(
-        site: Site, netns_factory: NetnsFactory, tmp_path: Path) -> None:
-    state = tmp_path / "inventory.state"
+def learn(site: Site, state: Path) -> str:
+    """Run the inventory through the observed traffic; return the ruleset it emits."""
     watch = start_watch("inventory", "-n", site.router.name, "--state", str(state))
     try:
         observed_traffic(site)
@@ -188,7 +187,12 @@ def test_the_emitted_ruleset_admits_what_was_seen_and_nothing_else(
         watch.stop()
     proc = run_cli("inventory", "--from-state", "--state", str(state), "--emit", "nft")
     assert proc.returncode == 0, proc.stderr
-    ruleset = proc.stdout
+    return proc.stdout
+
+
+def test_the_emitted_ruleset_admits_what_was_seen_and_nothing_else(
+        site: Site, netns_factory: NetnsFactory, tmp_path: Path) -> None:
+    ruleset = learn(site, tmp_path / "inventory.state")
     assert "table inet conntrail_policy" in ruleset and "9999" not in _rules_only(ruleset)
 
     fresh = build_site(netns_factory)
@@ -201,6 +205,40 @@ def test_the_emitted_ruleset_admits_what_was_seen_and_nothing_else(
     result = subprocess.run(["ip", "netns", "exec", fresh.client2.name, "ping", "-c", "1",
                              "-W", "1", ROUTER_IN], capture_output=True, check=False)
     assert result.returncode != 0, "a ping never observed must be dropped"
+
+
+def test_check_against_reports_what_a_ruleset_would_drop(
+        site: Site, netns_factory: NetnsFactory, tmp_path: Path) -> None:
+    state = tmp_path / "inventory.state"
+    ruleset = learn(site, state)
+    complete = tmp_path / "complete.nft"
+    complete.write_text(ruleset)
+    proc = run_cli("inventory", "--from-state", "--state", str(state), "--check-against",
+                   str(complete))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 confirmed entries, 6 pass, 0 would be DROPPED" in proc.stdout, proc.stdout
+
+    # Without the rule for DNS, the kernel drops that flow and only that one.
+    lines = ruleset.splitlines()
+    dns = [line for line in lines if "udp dport 53 " in line and "accept" in line]
+    assert len(dns) == 1, dns
+    partial = tmp_path / "partial.nft"
+    partial.write_text("\n".join(line for line in lines if line not in dns) + "\n")
+    proc = run_cli("inventory", "--from-state", "--state", str(state), "--check-against",
+                   str(partial), "--format", "json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["check"]["passed"], report["check"]["dropped"]) == (5, 1)
+    [dropped] = report["flows"]
+    assert (dropped["verdict"], dropped["destination"], dropped["network"]["transport"]) == \
+        ("dropped", {"address": SERVER4, "port": 53}, "udp")
+
+    # The live ruleset of a namespace, loaded there.
+    firewall = netns_factory.new("fw")
+    firewall.nft(ruleset)
+    proc = run_cli("inventory", "--from-state", "--state", str(state), "--check-against",
+                   f"netns:{firewall.name}")
+    assert proc.returncode == 0 and "0 would be DROPPED" in proc.stdout, proc.stdout
 
 
 def _rules_only(ruleset: str) -> str:
@@ -241,6 +279,9 @@ def test_bad_options_are_clear_errors(tmp_path: Path) -> None:
         (("--store", "x.sqlite"), "only apply with --from-history"),
         (("--from-state", "--state", str(tmp_path / "none")), "no saved inventory"),
         (("--from-state", "--state", str(damaged)), "damaged at byte"),
+        (("--check-against", str(tmp_path / "none.nft")), "no such ruleset file"),
+        (("--check-against", "netns:ctt-does-not-exist"), "ctt-does-not-exist"),
+        (("--emit", "nft", "--table", "9bad"), "--table"),
     ]:
         proc = run_cli("inventory", *args)
         assert proc.returncode == 2, (args, proc.stderr)
