@@ -379,8 +379,11 @@ def test_live_ruleset_leaves_out_conntrails_tables(netns_factory: NetnsFactory) 
 table inet conntrail {
     chain track { type filter hook prerouting priority raw + 1; policy accept; ct state new; }
 }
-table inet conntrail_extra {
+table inet conntrail_fwcheck {
     chain c { type filter hook input priority 0; policy drop; }
+}
+table inet conntrail_policy {
+    chain c { type filter hook input priority 0; policy accept; }
 }
 table ip keep {
     chain input { type filter hook input priority 0; policy drop; tcp dport 22 accept; }
@@ -388,7 +391,8 @@ table ip keep {
 """)
     text = live_ruleset(resolve(ns.name))
     assert "table ip keep {" in text
-    assert "conntrail" not in text
+    assert "table inet conntrail {" not in text and "conntrail_fwcheck" not in text
+    assert "table inet conntrail_policy {" in text  # a ruleset we emitted is the user's
     assert "tcp dport 22 accept" in text
     # What it returns loads again, so the live firewall can be checked as it stands.
     probes = [Probe(Hook.INPUT, V4, TCP, "198.18.1.2", "198.18.1.1", dport=22),

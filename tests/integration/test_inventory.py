@@ -233,9 +233,16 @@ def test_check_against_reports_what_a_ruleset_would_drop(
     assert (dropped["verdict"], dropped["destination"], dropped["network"]["transport"]) == \
         ("dropped", {"address": SERVER4, "port": 53}, "udp")
 
-    # The live ruleset of a namespace, loaded there.
+    # The live ruleset of a namespace: the emitted table (conntrail_policy) is the firewall
+    # being checked, while conntrail's own activation table there is left out.
     firewall = netns_factory.new("fw")
-    firewall.nft(ruleset)
+    firewall.nft(partial.read_text())
+    firewall.nft("table inet conntrail {\n chain c {\n type filter hook input priority 0;"
+                 " policy drop;\n }\n}\n")
+    proc = run_cli("inventory", "--from-state", "--state", str(state), "--check-against",
+                   f"netns:{firewall.name}")
+    assert proc.returncode == 1 and "5 pass, 1 would be DROPPED" in proc.stdout, proc.stdout
+    firewall.nft(ruleset)  # reloading the complete file replaces the table
     proc = run_cli("inventory", "--from-state", "--state", str(state), "--check-against",
                    f"netns:{firewall.name}")
     assert proc.returncode == 0 and "0 would be DROPPED" in proc.stdout, proc.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -155,13 +156,32 @@ def plan(args: argparse.Namespace, checks: list[bool]) -> InventoryPlan:
     if args.from_state and (args.interval or args.reset or args.no_state):
         raise ConfigError("--from-state", "dumps the state file once: --interval, --reset "
                                           "and --no-state do not apply")
+    if (args.from_state or args.from_history) and args.netns:
+        raise ConfigError("--netns", "--from-state and --from-history do not listen: to keep "
+                                     "one namespace's flows, use -f 'netns == \"NAME\"'")
+    if args.no_state and args.state:
+        raise ConfigError("--no-state", "contradicts --state")
+    if args.check_against and (args.emit or args.format == "csv"):
+        raise ConfigError("--check-against", "reports as a table or JSON: --emit and "
+                                             "--format csv do not apply")
     if not args.from_history and (args.store or args.since or args.until or args.last):
         raise ConfigError("--store/--from/--to/--last", "only apply with --from-history")
     state = None if args.no_state or args.from_history else \
         Path(args.state) if args.state else persist.default_state_path()
     return InventoryPlan(_filters(args), _source_ports(args), view, _renderer(args, checks),
-                         Path(args.output) if args.output else None, interval, state,
-                         args.reset)
+                         _output(args.output), interval, state, args.reset)
+
+
+def _output(option: str | None) -> Path | None:
+    """-o PATH: its directory must exist now, not at the first dump an hour later."""
+    if option is None:
+        return None
+    path = Path(option)
+    if path.is_dir():
+        raise ConfigError("--output", f"{option} is a directory: give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError("--output", f"{path.parent} is not an existing directory")
+    return path
 
 
 def _filters(args: argparse.Namespace) -> list[Filter]:
@@ -185,7 +205,8 @@ def _source_ports(args: argparse.Namespace) -> SourcePorts:
     if args.ephemeral is None:
         return SourcePorts(keep_all=args.keep_source_ports)
     low, _, high = args.ephemeral.partition("-")
-    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+    if not (low.isascii() and low.isdigit() and high.isascii() and high.isdigit()
+            and 1 <= int(low) <= int(high) <= 65535):
         raise ConfigError("--ephemeral", f"{args.ephemeral!r}: expected LOW-HIGH within "
                                          "1-65535, e.g. 32768-60999")
     return SourcePorts((int(low), int(high)), args.keep_source_ports)
@@ -214,7 +235,8 @@ def _renderer(args: argparse.Namespace, checks: list[bool]) -> Renderer:
             # A ruleset belongs to one namespace: one after the other, each headed by where
             # it goes (select one with -f 'netns == "NAME"').
             return "\n".join(
-                f"# ---- netns {netns or '(host)'}: ip netns exec {netns} nft -f FILE ----\n"
+                f"# ---- netns {netns or '(host)'}: "
+                f"{f'ip netns exec {netns} ' if netns else ''}nft -f FILE ----\n"
                 + render_ruleset([e for e in entries if e.netns == netns], dated)
                 for netns in namespaces).encode()
 
@@ -235,14 +257,21 @@ def _read_locality(netns: str) -> Locality:
 
 def run(args: argparse.Namespace) -> int:
     """Run `conntrail inventory`."""
-    checks: list[bool] = []  # per dump with --check-against: did every flow pass?
-    inventory_plan = plan(args, checks)
-    if args.from_history:
-        _dump_once(_from_history(args, inventory_plan), inventory_plan, "history")
-    elif args.from_state:
-        _dump_once(_from_state(inventory_plan), inventory_plan, "state")
-    else:
-        _live(args, inventory_plan)
+    # SIGUSR1 asks for a dump from the start: its default action would kill us while a
+    # large state file loads. The request is served at the first batch.
+    requested = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda _sig, _frame: requested.set())
+    try:
+        checks: list[bool] = []  # per dump with --check-against: did every flow pass?
+        inventory_plan = plan(args, checks)
+        if args.from_history:
+            _dump_once(_from_history(args, inventory_plan), inventory_plan, "history")
+        elif args.from_state:
+            _dump_once(_from_state(inventory_plan), inventory_plan, "state")
+        else:
+            _live(args, inventory_plan, requested)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     return 1 if checks and not checks[-1] else 0
 
 
@@ -264,7 +293,7 @@ def _dump_once(inventory: Inventory, inventory_plan: InventoryPlan, reason: str)
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        inventory_plan.output.write_bytes(data)
+        persist.write_atomically(inventory_plan.output, data)
 
 
 def _from_history(args: argparse.Namespace, inventory_plan: InventoryPlan) -> Inventory:
@@ -286,18 +315,37 @@ def _from_history(args: argparse.Namespace, inventory_plan: InventoryPlan) -> In
     return inventory
 
 
-def _live(args: argparse.Namespace, inventory_plan: InventoryPlan) -> None:
-    """Listen until stopped, dumping as asked; the state file is loaded first."""
-    from conntrail.sources.conntrack import ConntrackOptions, ConntrackSource
-
+def _live(args: argparse.Namespace, inventory_plan: InventoryPlan,
+          requested: threading.Event) -> None:
+    """Listen until stopped, dumping as asked; the state file is locked and loaded first."""
     locality = LocalityCache(_read_locality)
     inventory = Inventory(locality, inventory_plan.ports)
-    if inventory_plan.state is not None and not inventory_plan.reset:
-        persist.load(inventory_plan.state, inventory)
-        if len(inventory):
-            log.info("inventory: %d entries loaded from %s", len(inventory),
-                     inventory_plan.state)
-    requested = threading.Event()
+    state_lock = None
+    if inventory_plan.state is not None:
+        state_lock = persist.lock(inventory_plan.state)
+        if not inventory_plan.reset:
+            _load_state(inventory, inventory_plan.state)
+    try:
+        _listen(args, inventory_plan, inventory, locality, requested)
+    finally:
+        if state_lock is not None:
+            os.close(state_lock)
+
+
+def _load_state(inventory: Inventory, path: Path) -> None:
+    inventory.events = persist.load(path, inventory)
+    # The earlier run counted the flows it saw; the start-up dump lists those still alive
+    # again, so it only adds flows that make new entries.
+    for netns in inventory.namespaces:
+        inventory.dump_complete(netns)
+    if len(inventory):
+        log.info("inventory: %d entries loaded from %s", len(inventory), path)
+
+
+def _listen(args: argparse.Namespace, inventory_plan: InventoryPlan, inventory: Inventory,
+            locality: LocalityCache, requested: threading.Event) -> None:
+    from conntrail.sources.conntrack import ConntrackOptions, ConntrackSource
+
     sink = InventorySink(inventory, DumpPlan(
         inventory_plan.view, inventory_plan.render, inventory_plan.output,
         inventory_plan.state, inventory_plan.interval_s), locality, requested)
@@ -311,8 +359,6 @@ def _live(args: argparse.Namespace, inventory_plan: InventoryPlan) -> None:
     pipeline = Pipeline(sources, [queued], filters=inventory_plan.filters)
     stop = threading.Event()
     previous = install_signals(stop, pipeline.request_stop)
-    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1,
-                                             lambda _sig, _frame: requested.set())
     try:
         for netns in [resolve(name) for name in args.netns or [""]]:
             session.prepare(netns)

@@ -30,7 +30,8 @@ _ANY = {AF_INET: ("192.0.2.1", "198.51.100.1"), AF_INET6: ("2001:db8:a::1", "200
 
 
 def ruleset_source(spec: str) -> tuple[str, Path | None, str | None]:
-    """(description, file, netns name) of a --check-against value; the file must exist."""
+    """(description, file, netns name) of a --check-against value; the file is read now,
+    so an unreadable one is refused before anything starts."""
     if spec.startswith("netns:"):
         name = spec.removeprefix("netns:")
         resolve(name or None)  # an unknown namespace is refused now
@@ -39,7 +40,17 @@ def ruleset_source(spec: str) -> tuple[str, Path | None, str | None]:
     if not path.is_file():
         raise ConfigError("--check-against", f"{spec}: no such ruleset file (or use "
                                              "netns:NAME for a namespace's live ruleset)")
+    read_ruleset(path)
     return str(path), path, None
+
+
+def read_ruleset(path: Path) -> str:
+    """A ruleset file's text; unreadable or not text is a ConfigError."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise ConfigError("--check-against", f"{path}: {reason}") from None
 
 
 def _host(text: str, family: int, role: int) -> str:
@@ -83,7 +94,8 @@ def check_renderer(spec: str, fmt: str, outcomes: list[bool]) -> Renderer:
     description, path, netns = ruleset_source(spec)
 
     def render(entries: list[InventoryEntry], info: DumpInfo) -> bytes:
-        ruleset = path.read_text() if path is not None else live_ruleset(resolve(netns or None))
+        ruleset = read_ruleset(path) if path is not None else \
+            live_ruleset(resolve(netns or None))
         results = evaluate(ruleset, entries)
         outcomes.append(not any(v is Verdict.DROPPED for _, v in results))
         if fmt == "json":

@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         silence_stdout()  # the reader of our output left: not an error
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        return 130
     except PermissionError as exc:
         print(f"conntrail: error: {exc.strerror}: run as root or with CAP_NET_ADMIN",
               file=sys.stderr)

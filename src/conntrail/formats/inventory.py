@@ -11,11 +11,13 @@ from typing import Any
 import orjson
 
 from conntrail.formats.timefmt import iso_utc
-from conntrail.inventory.model import ANY_FAMILY, InventoryEntry
+from conntrail.inventory.model import ANY_FAMILY, Direction, InventoryEntry
 from conntrail.model import AF_INET, AF_INET6, proto_name
 
 _FAMILY_SUFFIX = {AF_INET: "v4", AF_INET6: "v6", ANY_FAMILY: ""}
 _FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6", ANY_FAMILY: "any"}
+_DIRECTION_SHORT = {Direction.INBOUND: "in", Direction.OUTBOUND: "out",
+                    Direction.FORWARDED: "fwd", Direction.LOCAL: "local"}
 _PROTO_LABELS = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMP", 132: "SCTP", 136: "UDPLite",
                  33: "DCCP", 47: "GRE"}
 TABLE_HEADER = ("PROTO", "DIR", "SOURCE", "DESTINATION", "PORT", "FLOWS", "CONFIRMED",
@@ -63,9 +65,9 @@ def _seconds(ns: int) -> str:
 
 def table_cells(entry: InventoryEntry) -> tuple[str, ...]:
     """One table line's cells."""
-    return (proto_label(entry), entry.direction.label[:3], _endpoint(entry.src, entry.sport),
-            _endpoint(entry.dst, None), port_text(entry), str(entry.flows),
-            "yes" if entry.confirmed else "no", _seconds(entry.first_ns),
+    return (proto_label(entry), _DIRECTION_SHORT[entry.direction],
+            _endpoint(entry.src, entry.sport), _endpoint(entry.dst, None), port_text(entry),
+            str(entry.flows), "yes" if entry.confirmed else "no", _seconds(entry.first_ns),
             _seconds(entry.last_ns), str(entry.packets), str(entry.bytes))
 
 

@@ -31,6 +31,7 @@ FLAG_PORTED = 2  # `port` is the destination port
 FLAG_ICMP = 4  # `port` is ICMP type << 8 | code
 DEFAULT_PORT_RANGE = (32768, 60999)  # Linux's default ip_local_port_range
 MAX_NAMESPACES = 0xFFFF
+COUNTED_MAX = 1 << 22  # conntrack ids remembered per namespace until its dump ends
 _CONFIRMED = int(CtStatus.SEEN_REPLY | CtStatus.ASSURED)
 _LOCAL, _OUTBOUND, _INBOUND, _FORWARDED = (int(Direction.LOCAL), int(Direction.OUTBOUND),
                                            int(Direction.INBOUND), int(Direction.FORWARDED))
@@ -116,10 +117,31 @@ class Inventory:
         # events, and lists flows whose NEW we counted already. They count only when they
         # make a new entry (their NEW was among the lost).
         self._synced: set[str] = set()
+        # Until then, the conntrack ids counted in that namespace: we subscribe before the
+        # start-up dump, so a flow born during the dump comes both as NEW and in the dump.
+        self._counted: dict[str, set[int]] = {}
 
     def dump_complete(self, netns: str) -> None:
-        """A table dump of `netns` ended (TableSnapshot): later dumps are resyncs."""
+        """A table dump of `netns` ended (TableSnapshot), or its flows were counted by an
+        earlier run (a loaded state): later dumps only list flows already counted."""
         self._synced.add(netns)
+        self._counted.pop(netns, None)
+
+    def _first_sighting(self, event: FlowEvent) -> bool:
+        """Whether a NEW or DUMP event is a flow not counted yet."""
+        netns = event.netns
+        if netns in self._synced:
+            return event.kind is EventKind.NEW
+        ct_id = event.flow.ct_id
+        if ct_id is None:
+            return True
+        counted = self._counted.setdefault(netns, set())
+        if ct_id in counted:
+            return False
+        if len(counted) >= COUNTED_MAX:  # no end-of-dump mark came: stop remembering
+            self.dump_complete(netns)
+        counted.add(ct_id)
+        return True
 
     def __len__(self) -> int:
         return len(self._index)
@@ -146,6 +168,8 @@ class Inventory:
             first = last = event.time_ns
         confirmed = 1 if int(flow.status) & _CONFIRMED else 0
         kind = event.kind
+        counts = whole or ((kind is EventKind.NEW or kind is EventKind.DUMP)
+                           and self._first_sighting(event))
         if row is None:
             row = self._index[key] = self._append(first, last, confirmed)
             if whole or kind is EventKind.DESTROY:
@@ -159,8 +183,7 @@ class Inventory:
             self.last[row] = last
         if confirmed:
             self.confirmed[row] = 1
-        if whole or kind is EventKind.NEW or (kind is EventKind.DUMP
-                                              and event.netns not in self._synced):
+        if counts:
             self.flows[row] += 1
         if whole or kind is EventKind.DESTROY:
             self._add_counters(row, flow)

@@ -9,14 +9,16 @@ damage; it is never silently replaced (it holds what an earlier run accepted).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
 from conntrail.errors import ConfigError
-from conntrail.inventory.aggregate import KEY, Inventory, Snapshot
+from conntrail.inventory.aggregate import KEY, Inventory, Snapshot, decode_entry
 
 MAGIC = b"conntrail-inventory\n"
 VERSION = 1
@@ -94,25 +96,59 @@ def _merge_record(body: bytes, offset: int, netns: list[str], into: Inventory) -
     if ns >= len(netns):
         raise StateError(start, f"namespace number {ns} not in the header")
     first, last, flows, confirmed, packets, nbytes = VALUES.unpack_from(body, offset + length)
-    into.merge_entry(key, netns[ns], (first, last, flows, confirmed, packets, nbytes))
+    values = (first, last, flows, confirmed, packets, nbytes)
+    try:  # a key that would not decode at dump time is refused now, with its offset
+        decode_entry(key, netns, values)
+    except (ValueError, KeyError) as exc:
+        raise StateError(start, f"undecodable entry ({exc})") from None
+    into.merge_entry(key, netns[ns], values)
     return end
 
 
 def save(path: Path, snapshot: Snapshot, saved_ns: int) -> None:
     """Replace the state file atomically and durably."""
-    data = encode_state(snapshot, saved_ns)
+    write_atomically(path, encode_state(snapshot, saved_ns), durable=True)
+
+
+def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write to a temporary file beside `path` and rename it over: readers see the old
+    content or the new, never a part. `durable` also fsyncs the file and the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",  # noqa: SIM115
+                                         delete=False)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        with handle:
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def lock(path: Path, option: str = "--state") -> int:
+    """Hold `path`.lock for this process's life: two conntrails saving one state file would
+    each replace the other's work. Returns the lock's fd (closing it releases the lock)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(option, f"{path}.lock: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(option, f"{path} is in use by another conntrail inventory "
+                                  "(give this one its own --state)") from None
+    return fd
 
 
 def load(path: Path, into: Inventory, option: str = "--state") -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from conntrail.errors import ConfigError
@@ -27,7 +27,7 @@ class ViewOptions:
     prefix_v4: int = 32  # --group-by /24: sources and destinations by /24 network
     prefix_v6: int = 128
     ports_only: bool = False  # addresses dropped: one entry per direction, protocol and port
-    merge_families: bool = False  # with ports_only: IPv4 and IPv6 of a port become one
+    merge_families: bool = False  # with ports_only: a port seen over IPv4 and IPv6 is one
 
     def __post_init__(self) -> None:
         if not 0 <= self.prefix_v4 <= 32:
@@ -49,7 +49,7 @@ def parse_group_by(text: str) -> tuple[int, int]:
     if text.strip() == "host":
         return 32, 128
     parts = [part.strip().lstrip("/") for part in text.split(",")]
-    if len(parts) > 2 or not all(part.isdigit() for part in parts):
+    if len(parts) > 2 or not all(part.isascii() and part.isdigit() for part in parts):
         raise ConfigError("--group-by", f"{text!r}: expected host, /N or /N,/M "
                                         "(IPv4 and IPv6 prefix lengths)")
     v4 = int(parts[0])
@@ -62,19 +62,44 @@ def build_view(entries: Iterable[InventoryEntry], options: ViewOptions) -> list[
     """The entries folded per the options, sorted."""
     if options.is_identity:
         return sorted(entries, key=sort_key)
+    folded = _group((_fold(entry, options) for entry in entries), _identity)
+    if options.merge_families:
+        folded = _merge_families(folded)
+    return sorted(folded, key=sort_key)
+
+
+def _identity(entry: InventoryEntry) -> tuple[object, ...]:
+    return entry[:10]  # netns … icmp_code
+
+
+def _group(entries: Iterable[InventoryEntry],
+           identity: Callable[[InventoryEntry], tuple[object, ...]]) -> list[InventoryEntry]:
     groups: dict[tuple[object, ...], InventoryEntry] = {}
     for entry in entries:
-        folded = _fold(entry, options)
-        identity = folded[:10]  # netns … icmp_code
-        seen = groups.get(identity)
-        groups[identity] = folded if seen is None else _combine(seen, folded)
-    return sorted(groups.values(), key=sort_key)
+        key = identity(entry)
+        seen = groups.get(key)
+        groups[key] = entry if seen is None else _combine(seen, entry)
+    return list(groups.values())
+
+
+def _merge_families(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+    """A port seen over both IPv4 and IPv6 becomes one entry of either family; a port seen
+    over one family only stays that family's (merging it would claim the other was seen)."""
+    def without_family(entry: InventoryEntry) -> tuple[object, ...]:
+        return (entry.netns, entry.direction, entry.proto, entry.sport, entry.dport,
+                entry.icmp_type, entry.icmp_code)
+
+    families: dict[tuple[object, ...], set[int]] = {}
+    for entry in entries:
+        families.setdefault(without_family(entry), set()).add(entry.family)
+    both = {key for key, seen in families.items() if len(seen) > 1}
+    return _group((entry._replace(family=ANY_FAMILY) if without_family(entry) in both
+                   else entry for entry in entries), _identity)
 
 
 def _fold(entry: InventoryEntry, options: ViewOptions) -> InventoryEntry:
     if options.ports_only:
-        family = ANY_FAMILY if options.merge_families else entry.family
-        return entry._replace(family=family, src="", dst="")
+        return entry._replace(src="", dst="")
     prefix = options.prefix_v4 if entry.family == AF_INET else options.prefix_v6
     return entry._replace(src=_network(entry.src, prefix), dst=_network(entry.dst, prefix))
 

@@ -90,7 +90,7 @@ from typing import Any
 
 from conntrail.errors import ConfigError, KernelError
 from conntrail.kernel.netns import NETNS_RUN_DIR, NetnsRef, entered
-from conntrail.kernel.nft import run_nft
+from conntrail.kernel.nft import TABLE_NAME, run_nft
 
 log = logging.getLogger(__name__)
 
@@ -989,11 +989,14 @@ def check_ruleset(ruleset: str, probes: Sequence[Probe], *, timeout: float = 5.0
     return [verdicts[index] for index in range(len(probes))]
 
 
+_OWN_TABLES = frozenset({TABLE_NAME, PROBE_TABLE})
 _TABLE_LINE = re.compile(r'table\s+(\S+)\s+"?([^"\s{]+)"?\s*\{')  # family, name
 
 
 def live_ruleset(netns: NetnsRef) -> str:
-    """`nft list ruleset` of a namespace, minus conntrail's own tables (names conntrail*)."""
+    """`nft list ruleset` of a namespace, minus conntrail's own tables: the activation table
+    (`inet conntrail`) and this harness's probe table. A ruleset conntrail emitted for the
+    user (`conntrail_policy`) is the firewall being checked, and stays."""
     text = run_nft(["list", "ruleset"], netns)
     kept: list[str] = []
     skipping = False
@@ -1002,7 +1005,7 @@ def live_ruleset(netns: NetnsRef) -> str:
             skipping = line.rstrip("\n") != "}"
             continue
         match = _TABLE_LINE.match(line)
-        if match is not None and match.group(2).startswith("conntrail"):
+        if match is not None and match.group(2) in _OWN_TABLES:
             skipping = not line.rstrip().endswith("}")  # nft ends a table with "}" alone
             continue
         kept.append(line)

@@ -9,7 +9,6 @@ saves it, so ingest never waits for a dump to be written.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -111,6 +110,8 @@ class InventorySink:
         self.heartbeat = True  # idle: the runner still calls encode, so timers fire
         self.lost = 0
         self.dumps = 0
+        self.dump_failures = 0
+        self.save_failures = 0
         self._closed = False
         self._clock = clock
         now = clock()
@@ -156,29 +157,39 @@ class InventorySink:
         return _Dump(self.inventory.snapshot(), info, show)
 
     def write(self, payload: _Dump | None) -> None:
-        """Render, write and save a dump (worker thread)."""
+        """Save, then render and write a dump (worker thread). The state goes first: a dump
+        that cannot be written (a full disk, a closed stdout, a ruleset that fails to
+        load) must not cost what the inventory has accepted."""
         if payload is None:
             return
+        if self.plan.state is not None:
+            try:
+                persist.save(self.plan.state, payload.snapshot, payload.info.taken_ns)
+            except OSError as exc:
+                self.save_failures += 1
+                log.error("inventory state not saved to %s: %s", self.plan.state, exc)
         if payload.show:
             entries = build_view(payload.snapshot.entries(), self.plan.view)
             self._emit(self.plan.render(entries, payload.info))
             self.dumps += 1
-        if self.plan.state is not None:
-            persist.save(self.plan.state, payload.snapshot, payload.info.taken_ns)
 
     def _emit(self, data: bytes) -> None:
-        output = self.plan.output
-        if output is None:
+        if self.plan.output is None:
             self.stream.write(data)
             self.stream.flush()
-            return
-        temporary = output.with_name(f".{output.name}.tmp")
-        temporary.write_bytes(data)
-        os.replace(temporary, output)
+        else:
+            persist.write_atomically(self.plan.output, data)
 
     def close(self) -> None:
-        """The final dump (and save), after the worker has finished."""
+        """The final dump (and save), after the worker has finished; a failure is logged,
+        not raised: shutdown goes on."""
         if self._closed:
             return
         self._closed = True
-        self.write(self._dump("exit", show=self.plan.on_exit))
+        try:
+            self.write(self._dump("exit", show=self.plan.on_exit))
+        except BrokenPipeError:
+            pass  # the reader of our output left (e.g. `| head`): nothing to say
+        except Exception as exc:  # noqa: BLE001 - any failure of the final dump is reported
+            self.dump_failures += 1
+            log.error("final inventory dump failed: %s", exc)

@@ -217,3 +217,17 @@ def test_a_resync_dump_does_not_count_flows_again(inventory: Inventory) -> None:
     assert only(inventory).flows == 3
     inventory.add(flow_event("198.18.1.1", "198.18.2.3", 40003, 80, kind=EventKind.DUMP))
     assert len(inventory) == 2  # a flow only the resync shows (its NEW was lost) is kept
+
+
+def test_a_flow_born_during_the_start_up_dump_counts_once(inventory: Inventory) -> None:
+    """We subscribe before dumping: such a flow arrives as NEW and in the dump."""
+    new = flow_event("198.18.1.1", "198.18.2.2", 40000, 80)
+    new = new._replace(flow=new.flow._replace(ct_id=7))
+    dumped = new._replace(kind=EventKind.DUMP)
+    other = dumped._replace(flow=dumped.flow._replace(ct_id=8))
+    for event in (new, dumped, other, dumped):
+        inventory.add(event)
+    assert only(inventory).flows == 2
+    inventory.dump_complete("")
+    inventory.add(new)  # after the dump, a NEW is a new flow (ids are reused)
+    assert only(inventory).flows == 3

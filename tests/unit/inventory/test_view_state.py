@@ -65,6 +65,17 @@ def test_ports_only_and_merged_families() -> None:
     assert [(e.family, e.flows) for e in merged] == [(ANY_FAMILY, 3)]
 
 
+def test_only_ports_seen_over_both_families_merge() -> None:
+    entries = [entry("198.18.1.2", "198.18.2.2", 22, direction=Direction.INBOUND),
+               entry("2001:db8:1::2", "2001:db8:2::2", 22, direction=Direction.INBOUND),
+               entry("198.18.1.2", "198.18.2.2", 25, direction=Direction.INBOUND),
+               entry("198.18.1.2", "198.18.2.2", None, proto=1, icmp=(8, 0)),
+               entry("2001:db8:1::2", "2001:db8:2::2", None, proto=58, icmp=(128, 0))]
+    merged = build_view(entries, ViewOptions(ports_only=True, merge_families=True))
+    assert sorted((e.family, e.proto, e.dport) for e in merged) == [
+        (ANY_FAMILY, 6, 22), (AF_INET, 1, None), (AF_INET, 6, 25), (AF_INET6, 58, None)]
+
+
 @pytest.mark.parametrize(("text", "expected"), [("host", (32, 128)), ("/24", (24, 64)),
                                                  ("/16,/48", (16, 48)), ("24", (24, 64))])
 def test_group_by_parsing(text: str, expected: tuple[int, int]) -> None:
