@@ -31,7 +31,10 @@ FLAG_PORTED = 2  # `port` is the destination port
 FLAG_ICMP = 4  # `port` is ICMP type << 8 | code
 DEFAULT_PORT_RANGE = (32768, 60999)  # Linux's default ip_local_port_range
 MAX_NAMESPACES = 0xFFFF
-COUNTED_MAX = 1 << 22  # conntrack ids remembered per namespace until its dump ends
+# Conntrack ids remembered per namespace until its start-up dump ends (~70 bytes each); a
+# table larger than this, or a dump that never ends, stops the remembering (a flow born
+# during the dump may then count twice, a dumped flow of a known entry not at all).
+COUNTED_MAX = 1 << 20
 _CONFIRMED = int(CtStatus.SEEN_REPLY | CtStatus.ASSURED)
 _LOCAL, _OUTBOUND, _INBOUND, _FORWARDED = (int(Direction.LOCAL), int(Direction.OUTBOUND),
                                            int(Direction.INBOUND), int(Direction.FORWARDED))
