@@ -6,8 +6,9 @@ import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """--regen-golden: rewrite tests/data/conntrack/*.json from the current decoder."""
+    """--regen-golden: rewrite the golden files (conntrack JSON, inventory rulesets)."""
     parser.addoption(
         "--regen-golden", action="store_true", default=False,
-        help="rewrite the golden .json files of tests/data/conntrack from the current "
-             "decoder instead of comparing against them (review the diff before committing)")
+        help="rewrite the golden files (tests/data/conntrack/*.json from the decoder, "
+             "tests/data/inventory/*.nft from the ruleset renderer) instead of comparing "
+             "against them (review the diff before committing)")
