@@ -235,13 +235,51 @@ def state_name(proto: int, state: int) -> str:
     return name
 
 
+class Confidence(enum.IntEnum):
+    """How sure an attribution is, weakest first."""
+
+    NONE = 0  # nothing known (or no local socket: forwarded, NATed for others)
+    INFERRED = 1  # guessed from cgroup, uid and time: never to be read as proof
+    UID_ONLY = 2  # the socket's owner is exact, the process is not known
+    EXACT = 3  # read from the kernel at packet time
+
+    @property
+    def label(self) -> str:
+        """Lowercase name for output (uid_only → uid-only)."""
+        return self.name.lower().replace("_", "-")
+
+
+class Attribution(NamedTuple):
+    """Who opened a flow: the socket's owner, its cgroup and service, and the process.
+
+    `method` names the layers that contributed, joined by '+' (e.g. 'labels+ebpf');
+    'kernel' marks a socket the kernel itself owns. Every field may be None.
+    """
+
+    method: str
+    confidence: Confidence
+    uid: int | None = None
+    gid: int | None = None
+    cgroup_id: int | None = None
+    cgroup: str | None = None  # path below the cgroup v2 root, e.g. /system.slice/nginx.service
+    unit: str | None = None  # systemd unit, or container id
+    pid: int | None = None
+    ppid: int | None = None
+    comm: str | None = None
+    exe: str | None = None
+    cmdline: str | None = None
+    started_ns: int | None = None  # process start, UTC epoch ns
+
+
 class FlowEvent(NamedTuple):
-    """A flow event as received: what happened, to which flow, in which namespace, when."""
+    """A flow event as received: what happened, to which flow, in which namespace, when,
+    and (once an attribution stage ran) who made it."""
 
     kind: EventKind
     flow: Flow
     netns: str = ""
     received_ns: int = 0
+    who: Attribution | None = None
 
     @property
     def time_ns(self) -> int:

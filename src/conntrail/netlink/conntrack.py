@@ -545,7 +545,7 @@ def decode_datagram(data: bytes, netns: str = "",
                     break
             else:
                 flow = decode_flow(data, body, end, msg_type)
-                out.append(_new(FlowEvent, (kind, flow, netns, received_ns)))
+                out.append(_new(FlowEvent, (kind, flow, netns, received_ns, None)))
                 _learn(data, body, end, (msg_type, length))
         elif msg_type < 16:
             header = MessageHeader(msg_type, flags, seq, pid, offset + 16, end)

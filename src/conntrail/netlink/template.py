@@ -228,7 +228,7 @@ def compile_template(data: bytes, start: int, end: int,
         return None
     body = ", ".join(exprs[name] for name in Flow._fields)
     source = ("def build(b, kind, netns, received):\n"
-              f"    return _new(FlowEvent, (kind, _new(Flow, ({body},)), netns, received))\n")
+              f"    return _new(FlowEvent, (kind, _new(Flow, ({body},)), netns, received, None))\n")
     namespace: dict[str, object] = {
         "_new": tuple.__new__, "Flow": Flow, "FlowEvent": FlowEvent, "FlowTuple": FlowTuple,
         "Counters": Counters, "_labels": _labels, "_NO_STATUS": CtStatus(0), **helpers}
