@@ -212,14 +212,14 @@ _LITERAL_TYPES: dict[Kind, type] = {
     Kind.FAMILY: int,
     Kind.EVENT: int,
     Kind.STATE: str,
-    Kind.NETNS: str,
+    Kind.TEXT: str,
     Kind.NAT: str,
 }
 _OTHER_VALUES: dict[Kind, tuple[type, ...]] = {
     Kind.INT: (IntRange,),
     Kind.ADDR: (Network,),
     Kind.STATE: (Glob,),
-    Kind.NETNS: (Glob,),
+    Kind.TEXT: (Glob,),
     Kind.STATUS: (Flags,),
 }
 

@@ -23,7 +23,7 @@ class Kind(enum.Enum):
     FAMILY = enum.auto()
     ADDR = enum.auto()
     STATE = enum.auto()
-    NETNS = enum.auto()
+    TEXT = enum.auto()  # a name or text, * and ? globs
     EVENT = enum.auto()
     NAT = enum.auto()
     STATUS = enum.auto()
@@ -45,6 +45,27 @@ _U8, _U16, _U32, _U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 # ---------------------------------------------------------------------------------------------
 # Getters: how each field is read from an event
 # ---------------------------------------------------------------------------------------------
+
+
+def _who(attr: str) -> Getter:
+    """Getter of an attribution attribute, None when the event has no attribution."""
+    get = operator.attrgetter(attr)
+
+    def getter(event: FlowEvent) -> Any:
+        who = event.who
+        return None if who is None else get(who)
+
+    return getter
+
+
+def _process_name(event: FlowEvent) -> str | None:
+    """The executable's base name (ECS process.name), else the kernel's comm."""
+    who = event.who
+    if who is None:
+        return None
+    if who.exe:
+        return who.exe.rsplit("/", 1)[-1]
+    return who.comm
 
 
 def _orig(attr: str) -> Getter:
@@ -164,7 +185,7 @@ SPECS: dict[str, FieldSpec] = {
     ),
     "zone": FieldSpec(Kind.INT, (_zone,), "conntrack zone", "zone", _U16),
     "netns": FieldSpec(
-        Kind.NETNS, (operator.attrgetter("netns"),), "network namespace name (* and ? glob)"
+        Kind.TEXT, (operator.attrgetter("netns"),), "network namespace name (* and ? glob)"
     ),
     "event": FieldSpec(
         Kind.EVENT, (operator.attrgetter("kind"),), "event kind: new, update, destroy, dump"
@@ -185,8 +206,23 @@ SPECS: dict[str, FieldSpec] = {
         "packet count",
         _U64,
     ),
+    **{name: FieldSpec(Kind.INT, (_who(attr),), doc, unit, _U32)
+       for name, attr, doc, unit in (
+           ("process.pid", "pid", "pid of the process that opened the flow", "pid"),
+           ("user.id", "uid", "uid of the socket's owner", "uid"),
+           ("group.id", "gid", "gid of the socket's owner", "gid"))},
+    **{name: FieldSpec(Kind.TEXT, (getter,), doc)
+       for name, getter, doc in (
+           ("process.name", _process_name, "program name: the executable's base name "
+                                           "(globs ok)"),
+           ("process.executable", _who("exe"), "executable path (globs ok)"),
+           ("process.command_line", _who("cmdline"), "command line (globs ok)"),
+           ("service", _who("unit"), "systemd unit or container id, e.g. nginx.service"),
+           ("cgroup", _who("cgroup"), "cgroup v2 path, e.g. /system.slice/nginx.service"))},
 }
-ALIASES = {"host": "addr", "id": "ct_id"}
+ALIASES = {"host": "addr", "id": "ct_id", "pid": "process.pid", "uid": "user.id",
+           "gid": "group.id", "exe": "process.executable", "cmdline": "process.command_line",
+           "unit": "service"}
 
 FIELDS: dict[str, str] = {name: spec.doc for name, spec in SPECS.items()}
 FIELDS.update({alias: f"alias of {target}" for alias, target in ALIASES.items()})

@@ -120,8 +120,8 @@ def _value_state(spec: FieldSpec, name: str, tok: Token) -> Value:
     return Literal(text)
 
 
-def _value_netns(spec: FieldSpec, name: str, tok: Token) -> Value:
-    """A namespace name, or a glob when it contains * or ?."""
+def _value_text(spec: FieldSpec, name: str, tok: Token) -> Value:
+    """A name or text, or a glob when it contains * or ?."""
     text = tok.text
     return Glob(text) if "*" in text or "?" in text else Literal(text)
 
@@ -168,7 +168,7 @@ COERCERS: dict[Kind, Coercer] = {
     Kind.FAMILY: _value_family,
     Kind.ADDR: _value_addr,
     Kind.STATE: _value_state,
-    Kind.NETNS: _value_netns,
+    Kind.TEXT: _value_text,
     Kind.EVENT: _value_event,
     Kind.NAT: _value_nat,
 }

@@ -123,3 +123,49 @@ def _details(event: FlowEvent) -> str:
 
 FIELDS["details"] = (_details, "state, NAT type and reply tuple when NATed, mark, zone, "
                      "counters, duration, netns (only those present)")
+
+
+def _who_field(attr: str) -> Getter:
+    def get(event: FlowEvent) -> object:
+        who = event.who
+        return "-" if who is None else _opt(getattr(who, attr))
+
+    return get
+
+
+def _service(event: FlowEvent) -> object:
+    """conntrack-logger's {info.service}: the cgroup path, else the unit."""
+    who = event.who
+    if who is None:
+        return "-"
+    return who.cgroup or who.unit or "-"
+
+
+def _who_lines(event: FlowEvent) -> str:
+    """conntrack-logger's second and third lines, when the flow is attributed:
+    "\n\t{pid} {uid}:{gid} {service} ::\n\t{cmdline}"; nothing otherwise."""
+    who = event.who
+    if who is None or (who.uid is None and who.pid is None and who.cmdline is None):
+        return ""
+    return (f"\n\t{_opt(who.pid)} {_opt(who.uid)}:{_opt(who.gid)} {_service(event)} ::"
+            f"\n\t{who.cmdline or who.comm or '-'}")
+
+
+FIELDS.update({
+    "pid": (_who_field("pid"), "pid of the process that opened the flow"),
+    "uid": (_who_field("uid"), "uid of the socket's owner"),
+    "gid": (_who_field("gid"), "gid of the socket's owner"),
+    "comm": (_who_field("comm"), "the process's comm (kernel task name)"),
+    "exe": (_who_field("exe"), "the process's executable"),
+    "cmdline": (_who_field("cmdline"), "the process's command line"),
+    "unit": (_who_field("unit"), "systemd unit or container id"),
+    "cgroup": (_who_field("cgroup"), "cgroup v2 path"),
+    "service": (_service, "cgroup path, else unit (conntrack-logger's info.service)"),
+    "method": (lambda e: "-" if e.who is None else e.who.method, "attribution layers used"),
+    "confidence": (lambda e: "none" if e.who is None else e.who.confidence.label,
+                   "exact, uid-only, inferred or none"),
+    "who": (_who_lines, "conntrack-logger's pid/uid:gid/service and cmdline lines, when "
+                        "attributed"),
+})
+ALIASES.update({"info.pid": "pid", "info.uid": "uid", "info.gid": "gid",
+                "info.service": "service", "info.cmdline": "cmdline"})

@@ -15,6 +15,7 @@ import orjson
 from conntrail.formats.timefmt import iso_utc
 from conntrail.model import (
     FAMILY_NAMES,
+    Attribution,
     Counters,
     EventKind,
     Flow,
@@ -116,9 +117,33 @@ def ecs_document(event: FlowEvent) -> dict[str, Any]:
         conntrail["icmp"] = _icmp_doc(orig, reply)
     if event.netns:
         conntrail["netns"] = event.netns
-    return {"@timestamp": iso_utc(event.time_ns), "event": _event_doc(event.kind, flow),
-            "network": network, "source": source, "destination": destination,
-            "conntrail": conntrail}
+    doc = {"@timestamp": iso_utc(event.time_ns), "event": _event_doc(event.kind, flow),
+           "network": network, "source": source, "destination": destination,
+           "conntrail": conntrail}
+    if event.who is not None:
+        _add_attribution(doc, conntrail, event.who)
+    return doc
+
+
+def _add_attribution(doc: dict[str, Any], conntrail: dict[str, Any], who: Attribution) -> None:
+    """ECS process.*, user.*, group.*, and conntrail.attribution (method, confidence,
+    cgroup, unit). ECS keeps user and group ids as strings."""
+    process: dict[str, Any] = {key: value for key, value in (
+        ("pid", who.pid), ("name", who.exe.rsplit("/", 1)[-1] if who.exe else who.comm),
+        ("executable", who.exe), ("command_line", who.cmdline),
+        ("start", None if who.started_ns is None else iso_utc(who.started_ns)))
+        if value is not None}
+    if who.ppid is not None:
+        process["parent"] = {"pid": who.ppid}
+    if process:
+        doc["process"] = process
+    if who.uid is not None:
+        doc["user"] = {"id": str(who.uid)}
+    if who.gid is not None:
+        doc["group"] = {"id": str(who.gid)}
+    conntrail["attribution"] = {key: value for key, value in (
+        ("method", who.method), ("confidence", who.confidence.label),
+        ("cgroup", who.cgroup), ("unit", who.unit)) if value is not None}
 
 
 def loss_document(notice: LossNotice) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from conntrail.model import (
     TableSnapshot,
 )
 
-DEFAULT_TEMPLATE = "{ts}: {family_proto} {orig} :: {event}{details}"
+DEFAULT_TEMPLATE = "{ts}: {family_proto} {orig} :: {event}{details}{who}"
 DEFAULT_TS = "iso"
 
 Piece = Callable[[FlowEvent], str]

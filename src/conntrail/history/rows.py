@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from conntrail.model import (
+    Attribution,
     Counters,
     CtStatus,
     EventKind,
@@ -123,8 +124,8 @@ MUTABLE_COLUMNS = ("end_ns", "closed_by", "status", "state", "mark", "labels", "
 
 
 def build_row(flow: Flow, netns: str, start_ns: int, end_ns: int | None,
-              closed_by: ClosedBy) -> FlowRow:
-    """The row for a flow as one event saw it."""
+              closed_by: ClosedBy, who: Attribution | None = None) -> FlowRow:
+    """The row for a flow as one event saw it (and who made it, when known)."""
     orig, reply = flow.orig, flow.reply
     status = int(flow.status)
     c_orig, c_reply = flow.counters_orig, flow.counters_reply
@@ -139,7 +140,12 @@ def build_row(flow: Flow, netns: str, start_ns: int, end_ns: int | None,
         None if flow.labels is None else f"{flow.labels:x}",
         None if c_orig is None else c_orig.packets, None if c_orig is None else c_orig.bytes,
         None if c_reply is None else c_reply.packets, None if c_reply is None else c_reply.bytes,
+        *(_NO_ATTRIBUTION if who is None else
+          (who.pid, who.uid, who.gid, who.exe, who.cmdline, who.unit)),
     )
+
+
+_NO_ATTRIBUTION = (None, None, None, None, None, None)
 
 
 class CloseOp(NamedTuple):
@@ -280,7 +286,8 @@ class Lifecycle:
         if entry is None or entry.answered or entry.orig != _orig_key(flow):
             return
         entry.answered = True
-        batch.upserts.append(build_row(flow, event.netns, entry.start_ns, None, ClosedBy.OPEN))
+        batch.upserts.append(build_row(flow, event.netns, entry.start_ns, None, ClosedBy.OPEN,
+                                       event.who))
 
     def _open_flow(self, event: FlowEvent, batch: HistoryBatch) -> None:
         flow = event.flow
@@ -302,7 +309,8 @@ class Lifecycle:
         else:
             entry.last_seen_ns = None  # alive now: the earlier run's bound no longer applies
         entry.answered = entry.answered or bool(int(flow.status) & _ANSWERED)
-        batch.upserts.append(build_row(flow, event.netns, entry.start_ns, None, ClosedBy.OPEN))
+        batch.upserts.append(build_row(flow, event.netns, entry.start_ns, None, ClosedBy.OPEN,
+                                       event.who))
 
     def _destroy(self, event: FlowEvent, batch: HistoryBatch) -> None:
         flow = event.flow
@@ -317,7 +325,7 @@ class Lifecycle:
         else:  # a flow older than us, or its NEW was lost
             start = flow.start_ns or end
         batch.upserts.append(build_row(flow, event.netns, start, max(end, start),
-                                       ClosedBy.DESTROY))
+                                       ClosedBy.DESTROY, event.who))
 
     def _mark(self, record: object, batch: HistoryBatch) -> None:
         if isinstance(record, TableSnapshot):

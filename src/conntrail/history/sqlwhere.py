@@ -83,6 +83,16 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "status": ("status",), "mark": ("mark",), "zone": ("zone",), "netns": ("netns",),
     "nat": ("nat",), "ct_id": ("ct_id",),
     "bytes": (_counter("bytes"),), "packets": (_counter("packets"),),
+    "process.pid": ("pid",), "user.id": ("uid",), "group.id": ("gid",),
+    "process.executable": ("exe",), "process.command_line": ("cmdline",),
+    "service": ("unit",),
+}
+# Live fields a stored row does not keep, and what to use instead.
+_NOT_STORED = {
+    "event": EVENT_REASON,
+    "process.name": "field 'process.name' is not stored (rows keep the executable): use "
+                    "process.executable == '*/NAME'",
+    "cgroup": "field 'cgroup' is not stored (rows keep the unit): use service",
 }
 # Columns every row fills (FlowRow types them without None); the others may be NULL.
 _NOT_NULL = frozenset({"proto", "family", "orig_src", "orig_dst", "status", "netns", "nat",
@@ -353,8 +363,8 @@ def _glob_test(col: _Sql, pattern: str, dialect: Dialect) -> _Sql:
 
 def _compare(cmp: Compare, dialect: Dialect) -> _Sql:
     """One comparison; `!=` negates the `==` test, as the live compiler does."""
-    if cmp.field == "event":
-        raise FilterError(PATH, EVENT_REASON)
+    if cmp.field in _NOT_STORED:
+        raise FilterError(PATH, _NOT_STORED[cmp.field])
     try:  # the live compiler is the validator: accept exactly the trees it accepts
         compile_predicate(cmp)
     except FilterError as exc:

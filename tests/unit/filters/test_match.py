@@ -718,6 +718,20 @@ def test_fields_documented() -> None:
         "id",
         "bytes",
         "packets",
+        "process.pid",
+        "pid",
+        "process.name",
+        "process.executable",
+        "exe",
+        "process.command_line",
+        "cmdline",
+        "user.id",
+        "uid",
+        "group.id",
+        "gid",
+        "service",
+        "unit",
+        "cgroup",
     }
     assert set(FIELDS) == expected
     assert all(isinstance(doc, str) and doc and "\n" not in doc for doc in FIELDS.values())

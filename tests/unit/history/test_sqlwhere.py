@@ -39,6 +39,8 @@ from conntrail.history.sqlwhere import Dialect, compile_where
 from conntrail.model import (
     AF_INET,
     AF_INET6,
+    Attribution,
+    Confidence,
     Counters,
     CtStatus,
     DccpState,
@@ -76,7 +78,7 @@ def flows_table(events: Sequence[FlowEvent]) -> Iterator[sqlite3.Connection]:
     with contextlib.closing(sqlite3.connect(":memory:")) as db:
         db.execute(SCHEMA)
         for start_ns, event in enumerate(events, 1):
-            row = build_row(event.flow, event.netns, start_ns, None, ClosedBy.OPEN)
+            row = build_row(event.flow, event.netns, start_ns, None, ClosedBy.OPEN, event.who)
             values = row._asdict()
             values.update({name: pack_optional(values[name]) for name in _ADDRESS_COLUMNS})
             db.execute(INSERT, tuple(values.values()))
@@ -255,7 +257,7 @@ def test_malformed_trees(tree: Any, reason: str) -> None:
 
 
 def test_every_field_but_event_maps_to_columns() -> None:
-    assert set(SPECS) == {*sqlwhere._COLUMNS, "state", "event"}
+    assert set(SPECS) == {*sqlwhere._COLUMNS, "state", *sqlwhere._NOT_STORED}
     assert {c for cols in sqlwhere._COLUMNS.values() for c in cols if c.isidentifier()} \
         <= set(COLUMNS)
 
@@ -356,7 +358,18 @@ def _flow_event(choose: Choose) -> FlowEvent:
                 zone=choose(_maybe((0, 7, 65535))), ct_id=choose((1, 99, 0xFFFFFFFF)),
                 counters_orig=choose(COUNTERS[:1] * 8 + COUNTERS),
                 counters_reply=choose(COUNTERS[:1] * 8 + COUNTERS))
-    return FlowEvent(choose(tuple(EventKind)), flow, choose(NETNS))
+    return FlowEvent(choose(tuple(EventKind)), flow, choose(NETNS), 0, _attribution(choose))
+
+
+def _attribution(choose: Choose) -> Attribution | None:
+    """None a third of the time, else an attribution with parts sometimes missing."""
+    if choose((True, False, False)):
+        return None
+    return Attribution("labels", Confidence.EXACT, uid=choose((None, 0, 1000, 4242)),
+                       gid=choose((None, 0, 1000)), pid=choose((None, 1, 77, 4194304)),
+                       exe=choose((None, "/usr/bin/curl", "/bin/é", "")),
+                       cmdline=choose((None, "curl -s http://x", "a%b_c")),
+                       unit=choose((None, "nginx.service", "session-3.scope")))
 
 
 @functools.cache
@@ -380,6 +393,7 @@ INT_FIELDS: dict[str, Sequence[int]] = {
     "mark": MARKS, "mark/0xff": (0, 1, 0x34, 0xFF), "port/0xff": (0, 0x16, 0xBB, 0xFF),
     "zone": (0, 7, 65535), "id": (1, 99, 0xFFFFFFFF), "ct_id": (0, 1, 99),
     "bytes": (*COUNTS, 1 << 62, 1 << 63, (1 << 64) - 1), "packets": COUNTS,
+    "process.pid": (0, 1, 77, 4194304), "user.id": (0, 1000, 4242), "gid": (0, 1000),
 }
 STATE_VALUES = ("ESTABLISHED", "established", "syn_sent", "CLOSED", "OPEN", "NONE", "3", "10",
                 "12", "03", "*", "S*", "?", "1?", "*E*", '"[A-F]*"', '"[!S]*"', '"1[0-2]*"',
@@ -395,6 +409,9 @@ OTHER_FIELDS: dict[str, Sequence[str]] = {
     "nat": ("snat", "dnat", "both", "none"),
     "state": STATE_VALUES,
     "netns": NETNS_VALUES,
+    "process.executable": ("/usr/bin/curl", "*/curl", "*", '""', '"/bin/[é]"'),
+    "cmdline": ('"curl *"', '"a%b_c"', "*"),
+    "service": ("nginx.service", "*.scope", "*"),
     **{field: V4 + V6 + NETS for field in ("src", "dst", "reply.src", "reply.dst", "addr",
                                           "host")},
 }
