@@ -32,15 +32,16 @@ from conntrail.errors import ConfigError
 from conntrail.formats import inventory as formats
 from conntrail.formats.inventory import DumpInfo
 from conntrail.inventory import persist
-from conntrail.inventory.aggregate import Inventory, Locality, SourcePorts
+from conntrail.inventory.aggregate import Inventory, SourcePorts
 from conntrail.inventory.model import InventoryEntry
 from conntrail.inventory.view import ViewOptions, build_view, parse_group_by
+from conntrail.kernel.localview import LocalityCache, read_named
 from conntrail.kernel.netns import resolve
 from conntrail.model import EventKind, FlowEvent
 from conntrail.pipeline.runner import Pipeline, QueuedSink
 from conntrail.pipeline.stages import Filter, Source
 from conntrail.session import KernelSession, SessionOptions
-from conntrail.sinks.inventory import DumpPlan, InventorySink, LocalityCache, Renderer
+from conntrail.sinks.inventory import DumpPlan, InventorySink, Renderer
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +250,6 @@ def _renderer(args: argparse.Namespace, checks: list[bool]) -> Renderer:
         line + "\n" for line in formats.table_lines(entries, info)).encode()
 
 
-def _read_locality(netns: str) -> Locality:
-    from conntrail.kernel.localview import read_local_view
-
-    return read_local_view(resolve(netns or None))
-
-
 def run(args: argparse.Namespace) -> int:
     """Run `conntrail inventory`."""
     # SIGUSR1 asks for a dump from the start: its default action would kill us while a
@@ -303,7 +298,7 @@ def _from_history(args: argparse.Namespace, inventory_plan: InventoryPlan) -> In
 
     start, end = window(args)
     store = open_store(args.store, "--store", create=False)
-    inventory = Inventory(LocalityCache(_read_locality), inventory_plan.ports)
+    inventory = Inventory(LocalityCache(read_named), inventory_plan.ports)
     keep = inventory_plan.filters
     try:
         for row in store.query(FlowQuery(start_ns=start, end_ns=end, limit=None)):
@@ -318,7 +313,7 @@ def _from_history(args: argparse.Namespace, inventory_plan: InventoryPlan) -> In
 def _live(args: argparse.Namespace, inventory_plan: InventoryPlan,
           requested: threading.Event) -> None:
     """Listen until stopped, dumping as asked; the state file is locked and loaded first."""
-    locality = LocalityCache(_read_locality)
+    locality = LocalityCache(read_named)
     inventory = Inventory(locality, inventory_plan.ports)
     state_lock = None
     if inventory_plan.state is not None:
@@ -343,7 +338,7 @@ def _load_state(inventory: Inventory, path: Path) -> None:
 
 
 def _listen(args: argparse.Namespace, inventory_plan: InventoryPlan, inventory: Inventory,
-            locality: LocalityCache, requested: threading.Event) -> None:
+            locality: LocalityCache[Any], requested: threading.Event) -> None:
     from conntrail.sources.conntrack import ConntrackOptions, ConntrackSource
 
     sink = InventorySink(inventory, DumpPlan(

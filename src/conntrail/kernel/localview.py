@@ -12,16 +12,18 @@ such sockets elsewhere on the host, measured on 6.18.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from conntrail.errors import KernelError
 from conntrail.kernel import sysctl
-from conntrail.kernel.netns import NetnsRef, entered
+from conntrail.kernel.netns import NetnsRef, entered, resolve
 from conntrail.model import AF_INET, AF_INET6
 from conntrail.netlink.rtnl import IfAddress, IfaFlag, decode_addr_dump, encode_getaddr_request
 from conntrail.netlink.sockdiag import (
@@ -32,6 +34,8 @@ from conntrail.netlink.sockdiag import (
     encode_diag_request,
     states_mask,
 )
+
+log = logging.getLogger(__name__)
 
 NETLINK_ROUTE = 0  # linux/netlink.h
 NETLINK_SOCK_DIAG = 4
@@ -173,3 +177,56 @@ def _port_range(netns: NetnsRef) -> tuple[int, int]:
         raise KernelError(f"sysctl {PORT_RANGE}{_where(netns)}: unexpected value "
                           f"{text!r}") from exc
     return low, high
+
+
+LOCALITY_REFRESH_S = 5.0
+ViewT = TypeVar("ViewT")
+
+
+def read_named(netns: str) -> LocalView:
+    """The local view of a namespace by name ('' for the current one)."""
+    return read_local_view(resolve(netns or None))
+
+
+class LocalityCache(Generic[ViewT]):
+    """Each namespace's locality, re-read every few seconds (addresses and listeners change).
+
+    Looked up per event, so the lookup is a plain dict hit; `refresh_due` runs once a batch.
+    A namespace that cannot be read (gone) has no locality: its flows are then classified
+    by loopback only, and this is logged once.
+    """
+
+    def __init__(self, read: Callable[[str], ViewT], refresh_s: float = LOCALITY_REFRESH_S
+                 ) -> None:
+        self._read = read
+        self._refresh_s = refresh_s
+        self._views: dict[str, ViewT | None] = {}
+        self._next = time.monotonic() + refresh_s
+        self._failed: set[str] = set()
+
+    def __call__(self, netns: str) -> ViewT | None:
+        try:
+            return self._views[netns]
+        except KeyError:
+            return self._load(netns)
+
+    def _load(self, netns: str) -> ViewT | None:
+        try:
+            view: ViewT | None = self._read(netns)
+        except Exception as exc:  # noqa: BLE001 - any failure: classify without a locality
+            if netns not in self._failed:
+                self._failed.add(netns)
+                log.warning("netns %s: cannot read its addresses (%s); its flows are "
+                            "classified as forwarded unless loopback", netns or "(host)", exc)
+            view = None
+        self._views[netns] = view
+        return view
+
+    def refresh_due(self) -> None:
+        """Re-read every namespace's locality when the refresh interval has passed."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._refresh_s
+        for netns in list(self._views):
+            self._load(netns)

@@ -15,65 +15,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from conntrail.formats.inventory import DumpInfo
 from conntrail.inventory import persist
-from conntrail.inventory.aggregate import Inventory, Locality, Snapshot
+from conntrail.inventory.aggregate import Inventory, Snapshot
 from conntrail.inventory.model import InventoryEntry
 from conntrail.inventory.view import ViewOptions, build_view
+from conntrail.kernel.localview import LocalityCache
 from conntrail.model import FlowEvent, LossNotice, Record, TableSnapshot
 
 log = logging.getLogger(__name__)
-LOCALITY_REFRESH_S = 5.0
 SAVE_INTERVAL_S = 300.0
 
 Renderer = Callable[[list[InventoryEntry], DumpInfo], bytes]
 """A dump's entries (grouped and sorted) to the bytes written."""
-
-
-class LocalityCache:
-    """Each namespace's locality, re-read every few seconds (addresses and listeners change).
-
-    Looked up per event, so the lookup is a plain dict hit; `refresh_due` runs once a batch.
-    A namespace that cannot be read (gone) has no locality: its flows are then classified
-    by loopback only, and this is logged once.
-    """
-
-    def __init__(self, read: Callable[[str], Locality], refresh_s: float = LOCALITY_REFRESH_S
-                 ) -> None:
-        self._read = read
-        self._refresh_s = refresh_s
-        self._views: dict[str, Locality | None] = {}
-        self._next = time.monotonic() + refresh_s
-        self._failed: set[str] = set()
-
-    def __call__(self, netns: str) -> Locality | None:
-        try:
-            return self._views[netns]
-        except KeyError:
-            return self._load(netns)
-
-    def _load(self, netns: str) -> Locality | None:
-        try:
-            view: Locality | None = self._read(netns)
-        except Exception as exc:  # noqa: BLE001 - any failure: classify without a locality
-            if netns not in self._failed:
-                self._failed.add(netns)
-                log.warning("netns %s: cannot read its addresses (%s); its flows are "
-                            "classified as forwarded unless loopback", netns or "(host)", exc)
-            view = None
-        self._views[netns] = view
-        return view
-
-    def refresh_due(self) -> None:
-        """Re-read every namespace's locality when the refresh interval has passed."""
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self._refresh_s
-        for netns in list(self._views):
-            self._load(netns)
 
 
 @dataclass(frozen=True)
@@ -98,7 +54,7 @@ class _Dump:
 class InventorySink:
     """Feeds the inventory; dumps on request, on the timer and at exit."""
 
-    def __init__(self, inventory: Inventory, plan: DumpPlan, locality: LocalityCache,
+    def __init__(self, inventory: Inventory, plan: DumpPlan, locality: LocalityCache[Any],
                  requested: threading.Event, stream: BinaryIO | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.inventory = inventory

@@ -21,8 +21,9 @@ from conntrail.inventory.aggregate import KEY, Inventory
 from conntrail.inventory.model import ANY_FAMILY, Direction, InventoryEntry
 from conntrail.inventory.view import ViewOptions
 from conntrail.kernel.fwcheck import Hook
+from conntrail.kernel.localview import LocalityCache
 from conntrail.model import AF_INET, AF_INET6, Counters, CtStatus
-from conntrail.sinks.inventory import DumpPlan, InventorySink, LocalityCache
+from conntrail.sinks.inventory import DumpPlan, InventorySink
 
 
 def planned(*argv: str) -> object:

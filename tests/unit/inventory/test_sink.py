@@ -14,9 +14,10 @@ from conntrail.inventory import persist
 from conntrail.inventory.aggregate import Inventory
 from conntrail.inventory.model import InventoryEntry
 from conntrail.inventory.view import ViewOptions
+from conntrail.kernel.localview import LocalityCache
 from conntrail.model import LossNotice, TableSnapshot
 from conntrail.sinks import inventory as sink_module
-from conntrail.sinks.inventory import DumpPlan, InventorySink, LocalityCache
+from conntrail.sinks.inventory import DumpPlan, InventorySink
 
 
 def render(entries: list[InventoryEntry], info: DumpInfo) -> bytes:
@@ -113,7 +114,7 @@ def test_a_namespace_that_cannot_be_read_is_logged_once(caplog: pytest.LogCaptur
         calls.append(netns)
         raise OSError("gone")
 
-    cache = LocalityCache(failing, refresh_s=0.0)  # type: ignore[arg-type]
+    cache = LocalityCache(failing, refresh_s=0.0)
     assert cache("ns1") is None and cache("ns1") is None
     cache.refresh_due()
     assert calls == ["ns1", "ns1"]  # cached between refreshes, re-read at one
