@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from conntrail.kernel import nft, sysctl
+from conntrail.kernel import attrlabels, nft, sysctl
 from conntrail.kernel.netns import NetnsRef
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ class SessionOptions:
     accounting: bool = True  # enable nf_conntrack_acct and nf_conntrack_timestamp
     install_rule: bool = True  # add `inet conntrail` when nothing else uses conntrack
     keep_rule: bool = False  # leave our table in place on exit
+    attribution: bool = False  # add `inet conntrail_attr`: socket identity into ct labels
+    cgroup_levels: int = 8  # cgroup v2 levels labelled (deepest wins)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class KernelSession:
 
     options: SessionOptions = field(default_factory=SessionOptions)
     installed: list[NetnsRef] = field(default_factory=list)
+    labelled: list[NetnsRef] = field(default_factory=list)
 
     def prepare(self, netns: NetnsRef) -> None:
         """Make `netns` produce the events we need."""
@@ -40,11 +43,33 @@ class KernelSession:
         if self.options.install_rule and not nft.conntrack_in_use(netns):
             nft.install_table(netns)
             self.installed.append(netns)
+        # After the activation check: our label rules use conntrack too, and would make a
+        # namespace look tracked that is only tracked while we run.
+        if self.options.install_rule and self.options.attribution:
+            self._label(netns)
+
+    def _label(self, netns: NetnsRef) -> None:
+        support = attrlabels.install(netns, self.options.cgroup_levels)
+        where = netns.name or "current"
+        if support.labels:
+            self.labelled.append(netns)
+        if support.reason:
+            log.warning("attribution in netns %s: %s", where, support.reason)
+        else:
+            log.info("attribution: uid, gid and cgroup (levels %d..0) labelled in netns %s",
+                     support.cgroup_levels, where)
 
     def close(self) -> None:
         """Remove the tables we installed, unless asked to keep them."""
         if self.options.keep_rule:
             return
+        for netns in self.labelled:
+            try:
+                attrlabels.remove(netns)
+            except Exception as exc:  # noqa: BLE001 - clean-up goes on for the others
+                log.error("could not remove our attribution table in %s: %s",
+                          netns.name or "current", exc)
+        self.labelled.clear()
         for netns in self.installed:
             try:
                 nft.remove_table(netns)

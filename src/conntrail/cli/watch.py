@@ -23,7 +23,7 @@ from conntrail.errors import ConfigError
 from conntrail.formats.fields import ALIASES, FIELDS
 from conntrail.formats.text import DEFAULT_TEMPLATE
 from conntrail.history.store import HistoryStore
-from conntrail.kernel.netns import resolve
+from conntrail.kernel.netns import NetnsRef, resolve
 from conntrail.model import EventKind, FlowEvent, Record
 from conntrail.pipeline import registry
 from conntrail.pipeline.runner import Pipeline, QueuedSink
@@ -91,6 +91,14 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                          help="SQLite store: delete flows that ended longer ago (e.g. 90d)")
     history.add_argument("--max-size", metavar="SIZE",
                          help="SQLite store: delete the oldest flows beyond SIZE (e.g. 20G)")
+    who = parser.add_argument_group("attribution (who opened each flow)")
+    who.add_argument("--no-attribution", dest="attribution", action="store_false",
+                     help="do not label new local flows with their socket's uid, gid and "
+                          "cgroup, nor look processes up")
+    who.add_argument("--cgroup-levels", type=int, default=8, metavar="N",
+                     help="cgroup v2 levels labelled, deepest wins (default 8, max 255)")
+    who.add_argument("--no-socket-lookup", dest="socket_lookup", action="store_false",
+                     help="no sock_diag lookup per new local flow (uid, gid, cgroup only)")
     parser.add_argument("--reliable", action="store_true",
                         help="ask for reliable delivery (NETLINK_BROADCAST_ERROR)")
     parser.add_argument("--nice", type=int, metavar="N",
@@ -131,8 +139,11 @@ def plan(args: argparse.Namespace) -> WatchPlan:
                                                                         args.format_ts))
     options = ConntrackOptions(kinds, dump=args.dump, buffer=buffer_policy(args),
                                reliable=args.reliable)
+    if not 0 <= args.cgroup_levels <= 255:
+        raise ConfigError("--cgroup-levels", "must be within 0-255")
     session = SessionOptions(accounting=not args.no_accounting, install_rule=not args.no_rules,
-                             keep_rule=args.keep_rules)
+                             keep_rule=args.keep_rules, attribution=args.attribution,
+                             cgroup_levels=args.cgroup_levels)
     if args.count is not None and args.count <= 0:
         raise ConfigError("--count", "must be a positive number")
     if args.store is None:
@@ -193,9 +204,13 @@ def run(args: argparse.Namespace) -> int:
     sinks = [] if args.quiet else [sink]
     if watch_plan.store is not None:
         sinks.append(_history_sink(watch_plan, [ns.name for ns in namespaces]))
-    pipeline = Pipeline(sources, sinks, filters=watch_plan.filters)
+    attributor = _attributor(args, namespaces)
+    pipeline = Pipeline(sources, sinks, filters=watch_plan.filters,
+                        enrichers=[attributor] if attributor is not None else [])
     previous = install_signals(stop, pipeline.request_stop)
     try:
+        if attributor is not None:
+            attributor.start()
         for netns in namespaces:
             session.prepare(netns)
             source = ConntrackSource(netns, watch_plan.options)
@@ -207,12 +222,25 @@ def run(args: argparse.Namespace) -> int:
         try:
             pipeline.shutdown()
         finally:
+            if attributor is not None:
+                attributor.stop()
             session.close()
             restore_signals(previous)
     if sink.failed.is_set():
         silence_stdout()
     _print_summary(pipeline, stats, sinks)
     return 0
+
+
+def _attributor(args: argparse.Namespace, namespaces: list[NetnsRef]) -> Any:
+    """The attribution stage, unless turned off."""
+    if not args.attribution:
+        return None
+    from conntrail.enrichers.attribution import AttributionOptions, Attributor
+    from conntrail.kernel.localview import LocalityCache, read_named
+
+    return Attributor(LocalityCache(read_named), {ns.name: ns for ns in namespaces},
+                      AttributionOptions(sockdiag=args.socket_lookup))
 
 
 def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:

@@ -147,8 +147,19 @@ def _who_lines(event: FlowEvent) -> str:
     who = event.who
     if who is None or (who.uid is None and who.pid is None and who.cmdline is None):
         return ""
-    return (f"\n\t{_opt(who.pid)} {_opt(who.uid)}:{_opt(who.gid)} {_service(event)} ::"
-            f"\n\t{who.cmdline or who.comm or '-'}")
+    return (f"\n\t{_opt(who.pid)} {_opt(who.uid)}:{_opt(who.gid)} "
+            f"{printable(str(_service(event)))} ::"
+            f"\n\t{printable(who.cmdline or who.comm or '-')}")
+
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+_CONTROL.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def printable(text: str) -> str:
+    """Control characters escaped: a command line is the process's to choose, and a newline
+    in it must not forge a line of our log."""
+    return text.translate(_CONTROL) if not text.isprintable() else text
 
 
 FIELDS.update({
@@ -157,7 +168,8 @@ FIELDS.update({
     "gid": (_who_field("gid"), "gid of the socket's owner"),
     "comm": (_who_field("comm"), "the process's comm (kernel task name)"),
     "exe": (_who_field("exe"), "the process's executable"),
-    "cmdline": (_who_field("cmdline"), "the process's command line"),
+    "cmdline": (lambda e: printable(str(_who_field("cmdline")(e))),
+                "the process's command line (control characters escaped)"),
     "unit": (_who_field("unit"), "systemd unit or container id"),
     "cgroup": (_who_field("cgroup"), "cgroup v2 path"),
     "service": (_service, "cgroup path, else unit (conntrack-logger's info.service)"),

@@ -73,3 +73,10 @@ def test_stored_rows_keep_the_attribution() -> None:
     assert (row.pid, row.uid, row.gid, row.exe, row.cmdline, row.unit) == (
         2354, 1000, 1001, "/usr/bin/curl", "curl -s -o /dev/null example.org",
         "session-3.scope")
+
+
+def test_a_command_line_cannot_forge_log_lines() -> None:
+    forged = WHO._replace(cmdline="sh -c x\n2026-01-01T00:00:00Z: ipv4/tcp forged\x1b[2J")
+    text = TextFormat()(EVENT._replace(who=forged)).decode()
+    assert text.count("\n") == 3
+    assert text.splitlines()[2] == "\tsh -c x\\n2026-01-01T00:00:00Z: ipv4/tcp forged\\x1b[2J"

@@ -1,0 +1,114 @@
+"""`conntrail watch` says who opened each flow: real processes under distinct uids, gids
+and cgroups, in namespaces; the labels layer (always) and sock_diag + process table (while
+the socket lives)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.integration.netenv import NatTopology, start_watch
+from tests.integration.test_attrlabels import CLIENT, Cgroups, cgroups, run_client, topo
+from tests.integration.traffic import TCP_SERVER
+
+__all__ = ["cgroups", "topo"]  # fixtures, imported for pytest
+
+# Connects, reports its port, keeps the socket open a while (so sock_diag can find it).
+LINGERING_CLIENT = r"""
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+sock.sendall(b"ping")
+print(sock.getsockname()[1], flush=True)
+time.sleep(1.5)
+sock.close()
+"""
+
+
+def new_events(stdout: str, netns: str) -> dict[int, dict[str, Any]]:
+    """NEW events of one namespace by source port."""
+    events = {}
+    for line in stdout.splitlines():
+        doc = json.loads(line)
+        if doc.get("event", {}).get("action") == "new" and "port" in doc["source"] \
+                and doc["conntrail"].get("netns") == netns:
+            events[doc["source"]["port"]] = doc
+    return events
+
+
+def test_watch_attributes_uid_gid_cgroup_and_pid(topo: NatTopology, cgroups: Cgroups) -> None:
+    service = cgroups.make("app.slice/web.service")
+    oneshot = cgroups.make("batch.scope")
+    watch = start_watch("watch", "--json", "-e", "new", "-n", topo.client.name,
+                        "-n", topo.router.name)
+    try:
+        with topo.server.spawn_python(TCP_SERVER, "::", "7300", "2", "10"):
+            long_port = run_client(topo.client, service, 4242, 4343, LINGERING_CLIENT,
+                                   "198.18.2.2", "7300")
+            v6_port = run_client(topo.client, oneshot, 4545, 4646, CLIENT, "tcp",
+                                 "2001:db8:2::2", "7300")
+        udp_port = run_client(topo.client, oneshot, 4444, 4545, CLIENT, "udp",
+                              "198.18.2.2", "7301")
+    finally:
+        watch.stop()
+    client_events = new_events(watch.stdout, topo.client.name)
+    # A process holding its socket: found by sock_diag in its own cgroup's processes.
+    held = client_events[long_port]
+    assert (held["user"], held["group"]) == ({"id": "4242"}, {"id": "4343"})
+    attribution = held["conntrail"]["attribution"]
+    assert attribution["cgroup"].endswith("/app.slice/web.service")
+    assert attribution["unit"] == "web.service"
+    assert attribution["confidence"] == "exact", held
+    assert attribution["method"] == "labels+sockdiag+proc"
+    assert "LINGERING" not in held["process"]["command_line"]
+    assert held["process"]["command_line"].startswith("/usr/bin/python3 -I -c")
+    assert held["process"]["pid"] > 1
+    # Processes gone at once: uid, gid and cgroup exact from the labels, pid unknown.
+    for port, uid, gid in ((v6_port, 4545, 4646), (udp_port, 4444, 4545)):
+        doc = client_events[port]
+        assert (doc["user"]["id"], doc["group"]["id"]) == (str(uid), str(gid))
+        assert doc["conntrail"]["attribution"]["cgroup"].endswith("/batch.scope")
+        assert doc["conntrail"]["attribution"]["unit"] == "batch.scope"
+        assert doc["conntrail"]["attribution"]["confidence"] in ("uid-only", "exact")
+    # The router only forwarded (and masqueraded) these: no process, not a miss.
+    routed = list(new_events(watch.stdout, topo.router.name).values())
+    assert routed and all(doc["conntrail"]["attribution"] == {
+        "method": "forwarded", "confidence": "none"} for doc in routed)
+    assert "process" not in routed[0] and "user" not in routed[0]
+
+
+def test_text_lines_and_filters(topo: NatTopology, cgroups: Cgroups) -> None:
+    group = cgroups.make("team.slice/api.service")
+    watch = start_watch("watch", "-e", "new", "-n", topo.client.name, "-f",
+                        'user.id == 4242 and service == "api.service"')
+    try:
+        with topo.server.spawn_python(TCP_SERVER, "198.18.2.2", "7310", "2", "10"):
+            port = run_client(topo.client, group, 4242, 4343, LINGERING_CLIENT,
+                              "198.18.2.2", "7310")
+            run_client(topo.client, group, 4343, 4343, LINGERING_CLIENT, "198.18.2.2",
+                       "7310")  # another user: filtered out
+    finally:
+        watch.stop()
+    lines = watch.stdout.splitlines()
+    assert len(lines) == 3, watch.stdout  # one event: conntrack-logger's three lines
+    assert f"198.18.2.1/{port} > 198.18.2.2/7310 :: new" in lines[0] or \
+        f"/{port} > 198.18.2.2/7310 :: new" in lines[0]
+    pid, owner, service, colons = lines[1].split()
+    assert int(pid) > 1 and owner == "4242:4343" and colons == "::"
+    assert service.endswith("/team.slice/api.service")
+    # The command line's newlines are escaped: a process cannot forge lines of our log.
+    assert lines[2].startswith("\t/usr/bin/python3 -I -c \\nimport socket, sys, time\\n")
+
+
+def test_no_attribution_leaves_no_table(topo: NatTopology, tmp_path: Path) -> None:
+    watch = start_watch("watch", "--no-attribution", "-n", topo.client.name)
+    try:
+        assert "conntrail_attr" not in topo.client.tables()
+    finally:
+        watch.stop()
+    watch = start_watch("watch", "-n", topo.client.name)
+    try:
+        assert "conntrail_attr" in topo.client.tables()
+    finally:
+        watch.stop()
+    assert "conntrail_attr" not in topo.client.tables()  # removed on exit
