@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.integration.netenv import NatTopology, start_watch
 from tests.integration.test_attrlabels import CLIENT, Cgroups, cgroups, run_client, topo
 from tests.integration.traffic import TCP_SERVER
@@ -39,8 +41,9 @@ def new_events(stdout: str, netns: str) -> dict[int, dict[str, Any]]:
 def test_watch_attributes_uid_gid_cgroup_and_pid(topo: NatTopology, cgroups: Cgroups) -> None:
     service = cgroups.make("app.slice/web.service")
     oneshot = cgroups.make("batch.scope")
-    watch = start_watch("watch", "--json", "-e", "new", "-n", topo.client.name,
-                        "-n", topo.router.name)
+    # Without eBPF: the sock_diag layer names the process that still holds its socket.
+    watch = start_watch("watch", "--json", "-e", "new", "--ebpf", "off",
+                        "-n", topo.client.name, "-n", topo.router.name)
     try:
         with topo.server.spawn_python(TCP_SERVER, "::", "7300", "2", "10"):
             long_port = run_client(topo.client, service, 4242, 4343, LINGERING_CLIENT,
@@ -75,6 +78,34 @@ def test_watch_attributes_uid_gid_cgroup_and_pid(topo: NatTopology, cgroups: Cgr
     assert routed and all(doc["conntrail"]["attribution"] == {
         "method": "forwarded", "confidence": "none"} for doc in routed)
     assert "process" not in routed[0] and "user" not in routed[0]
+
+
+def test_ebpf_names_processes_gone_at_once(topo: NatTopology, cgroups: Cgroups) -> None:
+    from conntrail.kernel import bpf
+
+    support = bpf.probe()
+    if not support.usable:
+        pytest.skip(f"eBPF tier unavailable here: {support.describe()}")
+    group = cgroups.make("jobs.slice/once.service")
+    watch = start_watch("watch", "--json", "-e", "new", "--ebpf", "on",
+                        "-n", topo.client.name)
+    try:
+        with topo.server.spawn_python(TCP_SERVER, "::", "7320", "2", "10"):
+            tcp_ports = [run_client(topo.client, group, 4242, 4343, CLIENT, "tcp", host,
+                                    "7320") for host in ("198.18.2.2", "2001:db8:2::2")]
+        udp_port = run_client(topo.client, group, 4444, 4545, CLIENT, "udp", "198.18.2.2",
+                              "7321")
+    finally:
+        watch.stop()
+    events = new_events(watch.stdout, topo.client.name)
+    for port, uid in ((tcp_ports[0], 4242), (tcp_ports[1], 4242), (udp_port, 4444)):
+        doc = events[port]
+        attribution = doc["conntrail"]["attribution"]
+        assert attribution["confidence"] == "exact", doc
+        assert attribution["method"].startswith("labels+ebpf"), doc
+        assert doc["user"]["id"] == str(uid)
+        assert doc["process"]["pid"] > 1
+        assert doc["process"]["command_line"].startswith("/usr/bin/python3 -I -c"), doc
 
 
 def test_text_lines_and_filters(topo: NatTopology, cgroups: Cgroups) -> None:

@@ -98,7 +98,11 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     who.add_argument("--cgroup-levels", type=int, default=8, metavar="N",
                      help="cgroup v2 levels labelled, deepest wins (default 8, max 255)")
     who.add_argument("--no-socket-lookup", dest="socket_lookup", action="store_false",
-                     help="no sock_diag lookup per new local flow (uid, gid, cgroup only)")
+                     help="no sock_diag lookup per new local flow")
+    who.add_argument("--ebpf", choices=("auto", "on", "off"), default="auto",
+                     help="the eBPF tier (exact pid and command line even for processes "
+                          "gone in a millisecond): auto (default) when kernel and tools "
+                          "allow, on (fail without it), off")
     parser.add_argument("--reliable", action="store_true",
                         help="ask for reliable delivery (NETLINK_BROADCAST_ERROR)")
     parser.add_argument("--nice", type=int, metavar="N",
@@ -240,7 +244,7 @@ def _attributor(args: argparse.Namespace, namespaces: list[NetnsRef]) -> Any:
     from conntrail.kernel.localview import LocalityCache, read_named
 
     return Attributor(LocalityCache(read_named), {ns.name: ns for ns in namespaces},
-                      AttributionOptions(sockdiag=args.socket_lookup))
+                      AttributionOptions(sockdiag=args.socket_lookup, ebpf=args.ebpf))
 
 
 def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:

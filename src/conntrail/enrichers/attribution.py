@@ -8,6 +8,10 @@ Layers, each named in `Attribution.method` when it contributed:
 - `sockdiag`: while the flow's socket exists, sock_diag finds it by tuple (inode, uid,
   cgroup), and the processes of that one cgroup are searched for the inode: an exact pid.
   Never a whole-system /proc scan; a socket in the root cgroup is not searched.
+- `ebpf` (optional, kernel/bpf.py): a program on the cgroup v2 root reports, for each new
+  flow's first packet, the sending task's pid, uid, gid, comm and cgroup, and every exec's
+  argv: the only way to name a process that lived a millisecond. Exact only when the sender
+  owns its socket (the program checks it).
 - `proc`: the process table the proc connector keeps (fork/exec/exit) describes the pid,
   also after it exited: executable, command line, parent, start time.
 - `kernel`: the labels say no user socket sent the first packet; `forwarded`: the flow has
@@ -17,9 +21,11 @@ Layers, each named in `Attribution.method` when it contributed:
 from __future__ import annotations
 
 import logging
+import os
 import select
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from conntrail.kernel import cgroups
 from conntrail.kernel.cgroups import CgroupMap
@@ -44,6 +50,11 @@ class AttributionOptions:
 
     sockdiag: bool = True  # look the socket up while it exists (NEW events of local flows)
     process_table: bool = True  # keep a proc-connector process table
+    ebpf: str = "auto"  # "auto": when the kernel and tools allow; "on": or fail; "off"
+
+
+RECORD_TTL_NS = 60 * 1_000_000_000  # eBPF records wait this long for their conntrack event
+RECORDS_MAX = 262_144  # and at most this many (oldest dropped first)
 
 
 @dataclass
@@ -59,9 +70,14 @@ class Attributor:
     _units: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
+    bpf: Any = None  # kernel.bpf.BpfAttribution when the eBPF tier runs
     lookups: int = 0
     lookup_failures: int = 0
     _until_refresh: int = 0
+    _flows: dict[tuple[int, tuple[object, ...]], Any] = field(default_factory=dict)
+    _bpf_lock: threading.Lock = field(default_factory=threading.Lock)
+    _execs: dict[int, Any] = field(default_factory=dict)
+    _netns_ino: dict[str, int] = field(default_factory=dict)
 
     def start(self) -> None:
         """Open what the layers need; a layer that cannot start is logged and skipped."""
@@ -73,6 +89,25 @@ class Attributor:
             self.sockets = SocketLookup()
         if self.options.process_table:
             self._start_process_table()
+        if self.options.ebpf != "off":
+            self._start_bpf()
+        if self.processes is not None or self.bpf is not None:
+            self._reader = threading.Thread(target=self._background, name="attribution",
+                                            daemon=True)
+            self._reader.start()
+
+    def _start_bpf(self) -> None:
+        from conntrail.kernel import bpf
+
+        try:
+            self.bpf = bpf.BpfAttribution.open()
+        except Exception as exc:
+            if self.options.ebpf == "on":
+                raise
+            log.info("attribution: no eBPF tier (%s); pids come from sock_diag while the "
+                     "socket lives", exc)
+            return
+        log.info("attribution: eBPF tier attached (%s)", self.bpf.support.describe())
 
     def _start_process_table(self) -> None:
         table = ProcessTable()
@@ -82,20 +117,19 @@ class Attributor:
             log.warning("attribution: no process table (proc connector: %s)", exc)
             return
         self.processes = table
-        self._reader = threading.Thread(target=self._read_processes, name="proc-connector",
-                                        daemon=True)
-        self._reader.start()
 
-    def _read_processes(self) -> None:
-        """The proc connector must be drained while the network is idle too: fork/exec/exit
-        never stop, and an overflow loses them."""
-        table = self.processes
-        assert table is not None
+    def _background(self) -> None:
+        """Drain the proc connector and the eBPF ring while the network is idle too: forks,
+        execs and other namespaces' packets never stop, and an overflow loses them."""
+        fds = [source.fileno() for source in (self.processes, self.bpf) if source is not None]
         while not self._stop.is_set():
-            readable, _, _ = select.select([table.fileno()], [], [], 0.5)
-            if readable:
-                table.read()
-            table.expire()
+            readable, _, _ = select.select(fds, [], [], 0.5)
+            if self.processes is not None:
+                if self.processes.fileno() in readable:
+                    self.processes.read()
+                self.processes.expire()
+            if self.bpf is not None and self.bpf.fileno() in readable:
+                self._drain_bpf()
 
     def stop(self) -> None:
         """Stop the reader and release sockets (idempotent)."""
@@ -109,6 +143,9 @@ class Attributor:
             self.sockets.close()
         if self.cgroup_map is not None:
             self.cgroup_map.close()
+        if self.bpf is not None:
+            self.bpf.close()
+            self.bpf = None
 
     def __call__(self, event: FlowEvent) -> FlowEvent:
         """The event with its attribution."""
@@ -134,16 +171,91 @@ class Attributor:
                     cgroup_id: int | None) -> Attribution:
         path, unit = self._cgroup(cgroup_id)
         methods = ["labels"]
+        who = Attribution("labels", Confidence.UID_ONLY, uid=uid, gid=gid,
+                          cgroup_id=cgroup_id, cgroup=path, unit=unit)
+        if event.kind is not EventKind.NEW:
+            return who
+        sender = self._sender(event)
+        if sender is not None:
+            methods.append("ebpf")
+            return self._from_sender(who, sender, methods)
         pid: int | None = None
-        if event.kind is EventKind.NEW and path is not None:
+        if path is not None:
             owner = self._lookup(event)
             if owner is not None:
                 pid = owner_of_socket(owner.inode, path)
                 if pid is not None:
                     methods.append("sockdiag")
-        who = Attribution("labels", Confidence.UID_ONLY, uid=uid, gid=gid,
-                          cgroup_id=cgroup_id, cgroup=path, unit=unit)
         return self._with_process(who, pid, methods)
+
+    def _sender(self, event: FlowEvent) -> Any:
+        """The eBPF record of this flow's first packet, if the tier runs and sent one."""
+        if self.bpf is None or event.flow.reply is None:
+            return None
+        from conntrail.kernel.bpf import flow_key
+
+        key = flow_key(event.flow.reply, reverse=True)
+        if key is None:
+            return None
+        ident = (self._namespace_inode(event.netns), key)
+        with self._bpf_lock:
+            record = self._flows.pop(ident, None)
+        if record is None:
+            self._drain_bpf()
+            with self._bpf_lock:
+                record = self._flows.pop(ident, None)
+        return record
+
+    def _drain_bpf(self) -> None:
+        from conntrail.kernel.bpf import ExecRecord, FlowRecord
+
+        with self._bpf_lock:  # the background thread and a lookup miss both drain
+            self._file(self.bpf.read(), FlowRecord, ExecRecord)
+
+    def _file(self, records: list[Any], flow_type: type[Any], exec_type: type[Any]) -> None:
+        for record in records:
+            if isinstance(record, flow_type):
+                if len(self._flows) >= RECORDS_MAX:
+                    del self._flows[next(iter(self._flows))]
+                self._flows[(record.netns_ino, record.key)] = record
+            elif isinstance(record, exec_type):
+                if len(self._execs) >= RECORDS_MAX:
+                    del self._execs[next(iter(self._execs))]
+                self._execs[record.pid] = record
+
+    def _namespace_inode(self, netns: str) -> int:
+        ino = self._netns_ino.get(netns)
+        if ino is None:
+            ref = self.namespaces.get(netns)
+            try:
+                ino = os.stat(ref.path if ref is not None and ref.path else
+                              "/proc/self/ns/net").st_ino
+            except OSError:
+                ino = 0
+            self._netns_ino[netns] = ino
+        return ino
+
+    def _from_sender(self, who: Attribution, record: Any, methods: list[str]) -> Attribution:
+        """The eBPF record's task, described by its exec record, the table or /proc."""
+        info = self._describe(record.tgid)
+        if info is not None and info.comm is not None and info.comm != record.comm:
+            info = None  # the pid was reused since: not our process
+        with self._bpf_lock:
+            exec_record = self._execs.get(record.tgid)
+        # /proc's argv is whole; the exec record's may be cut at 256 bytes, but it outlives
+        # the process.
+        cmdline = info.cmdline if info is not None and info.cmdline else \
+            None if exec_record is None else exec_record.cmdline
+        if info is not None:
+            methods.append("proc")
+        return who._replace(
+            method="+".join(methods),
+            confidence=Confidence.EXACT if record.exact else Confidence.INFERRED,
+            pid=record.tgid, comm=record.comm, cmdline=cmdline,
+            ppid=exec_record.ppid if exec_record is not None else
+            None if info is None else info.ppid,
+            exe=None if info is None else info.exe,
+            started_ns=None if info is None else info.started_ns)
 
     def _from_socket(self, event: FlowEvent) -> Attribution | None:
         """sock_diag alone (no label): the socket's owner while it exists."""
