@@ -108,6 +108,28 @@ def test_ebpf_names_processes_gone_at_once(topo: NatTopology, cgroups: Cgroups) 
         assert doc["process"]["command_line"].startswith("/usr/bin/python3 -I -c"), doc
 
 
+def test_nflog_gives_uid_and_gid_where_labels_are_not_used(topo: NatTopology,
+                                                           cgroups: Cgroups) -> None:
+    group = cgroups.make("fallback.service")
+    watch = start_watch("watch", "--json", "-e", "new", "--identity-from", "nflog",
+                        "--ebpf", "off", "-n", topo.client.name)
+    try:
+        assert "conntrail_attr" not in topo.client.tables()
+        assert "conntrail_nflog" in topo.client.tables()
+        udp_port = run_client(topo.client, group, 4444, 4545, CLIENT, "udp", "198.18.2.2",
+                              "7331")
+        udp6_port = run_client(topo.client, group, 4646, 4747, CLIENT, "udp",
+                               "2001:db8:2::2", "7331")
+    finally:
+        watch.stop()
+    assert "conntrail_nflog" not in topo.client.tables()
+    events = new_events(watch.stdout, topo.client.name)
+    for port, uid, gid in ((udp_port, 4444, 4545), (udp6_port, 4646, 4747)):
+        doc = events[port]
+        assert (doc["user"]["id"], doc["group"]["id"]) == (str(uid), str(gid)), doc
+        assert doc["conntrail"]["attribution"]["method"].startswith("nflog")
+
+
 def test_text_lines_and_filters(topo: NatTopology, cgroups: Cgroups) -> None:
     group = cgroups.make("team.slice/api.service")
     watch = start_watch("watch", "-e", "new", "-n", topo.client.name, "-f",

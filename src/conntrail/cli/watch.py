@@ -97,6 +97,9 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                           "cgroup, nor look processes up")
     who.add_argument("--cgroup-levels", type=int, default=8, metavar="N",
                      help="cgroup v2 levels labelled, deepest wins (default 8, max 255)")
+    who.add_argument("--identity-from", choices=("labels", "nflog"), default="labels",
+                     help="uid/gid of new local flows from conntrack labels (default; NFLOG "
+                          "is used where labels cannot be) or from NFLOG")
     who.add_argument("--no-socket-lookup", dest="socket_lookup", action="store_false",
                      help="no sock_diag lookup per new local flow")
     who.add_argument("--ebpf", choices=("auto", "on", "off"), default="auto",
@@ -146,7 +149,8 @@ def plan(args: argparse.Namespace) -> WatchPlan:
     if not 0 <= args.cgroup_levels <= 255:
         raise ConfigError("--cgroup-levels", "must be within 0-255")
     session = SessionOptions(accounting=not args.no_accounting, install_rule=not args.no_rules,
-                             keep_rule=args.keep_rules, attribution=args.attribution,
+                             keep_rule=args.keep_rules,
+                             attribution=args.attribution and args.identity_from == "labels",
                              cgroup_levels=args.cgroup_levels)
     if args.count is not None and args.count <= 0:
         raise ConfigError("--count", "must be a positive number")
@@ -217,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
             attributor.start()
         for netns in namespaces:
             session.prepare(netns)
+            if attributor is not None:
+                attributor.add_namespace(netns, labelled=netns in session.labelled,
+                                         rules=not args.no_rules)
             source = ConntrackSource(netns, watch_plan.options)
             source.start()
             sources.append(source)
@@ -244,7 +251,8 @@ def _attributor(args: argparse.Namespace, namespaces: list[NetnsRef]) -> Any:
     from conntrail.kernel.localview import LocalityCache, read_named
 
     return Attributor(LocalityCache(read_named), {ns.name: ns for ns in namespaces},
-                      AttributionOptions(sockdiag=args.socket_lookup, ebpf=args.ebpf))
+                      AttributionOptions(sockdiag=args.socket_lookup, ebpf=args.ebpf,
+                                         identity=args.identity_from))
 
 
 def _history_sink(watch_plan: WatchPlan, netns: list[str]) -> QueuedSink:

@@ -51,6 +51,7 @@ class AttributionOptions:
     sockdiag: bool = True  # look the socket up while it exists (NEW events of local flows)
     process_table: bool = True  # keep a proc-connector process table
     ebpf: str = "auto"  # "auto": when the kernel and tools allow; "on": or fail; "off"
+    identity: str = "labels"  # where uid/gid come from: "labels", or "nflog" (the fallback)
 
 
 RECORD_TTL_NS = 60 * 1_000_000_000  # eBPF records wait this long for their conntrack event
@@ -78,6 +79,7 @@ class Attributor:
     _bpf_lock: threading.Lock = field(default_factory=threading.Lock)
     _execs: dict[int, Any] = field(default_factory=dict)
     _netns_ino: dict[str, int] = field(default_factory=dict)
+    _nflog: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # netns: (source, ids)
 
     def start(self) -> None:
         """Open what the layers need; a layer that cannot start is logged and skipped."""
@@ -118,6 +120,25 @@ class Attributor:
             return
         self.processes = table
 
+    def add_namespace(self, netns: NetnsRef, labelled: bool, rules: bool = True) -> None:
+        """A namespace whose NEW events will come; without labels there, the uid and gid of
+        each new local flow's first packet come from NFLOG instead (which needs a rule of
+        ours too: not when rules are refused)."""
+        if not rules or (labelled and self.options.identity != "nflog"):
+            return
+        from conntrail.enrichers.nflog_ids import NflogIds
+        from conntrail.kernel.nflogsrc import NflogSource
+
+        source = NflogSource(netns)
+        try:
+            source.open()
+        except Exception as exc:  # noqa: BLE001 - see start()
+            log.warning("attribution in netns %s: no NFLOG fallback either (%s): no uid/gid "
+                        "for new flows", netns.name or "current", exc)
+            return
+        self._nflog[netns.name] = (source, NflogIds())
+        log.info("attribution in netns %s: uid and gid from NFLOG", netns.name or "current")
+
     def _background(self) -> None:
         """Drain the proc connector and the eBPF ring while the network is idle too: forks,
         execs and other namespaces' packets never stop, and an overflow loses them."""
@@ -146,6 +167,9 @@ class Attributor:
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
+        for source, _ in self._nflog.values():
+            source.close()
+        self._nflog.clear()
 
     def __call__(self, event: FlowEvent) -> FlowEvent:
         """The event with its attribution."""
@@ -164,8 +188,41 @@ class Attributor:
         if view is not None and orig.src not in view.addresses and \
                 not view.is_local_destination(orig.dst):
             return event._replace(who=FORWARDED)
+        if event.kind is EventKind.NEW and event.netns in self._nflog:
+            ids = self._nflog_ids(event)
+            if ids is not None:
+                if ids.uid is None and ids.gid is None:
+                    return event._replace(who=KERNEL)
+                return event._replace(who=self._from_ids(event, ids.uid, ids.gid))
         # A local flow without our label: older than our rules, or inbound to a local server.
         return event._replace(who=self._from_socket(event) or UNKNOWN)
+
+    def _nflog_ids(self, event: FlowEvent) -> Any:
+        """The NFLOG record of this flow's first packet (logged before the NEW event is
+        sent, so one drain after a miss finds it)."""
+        source, ids = self._nflog[event.netns]
+        found = ids.take(event.flow.orig)
+        if found is None:
+            for packet in source.read():
+                ids.add(packet)
+            found = ids.take(event.flow.orig)
+        return found
+
+    def _from_ids(self, event: FlowEvent, uid: int | None, gid: int | None) -> Attribution:
+        """NFLOG's uid and gid (no cgroup in them: sock_diag or eBPF may add it)."""
+        who = Attribution("nflog", Confidence.UID_ONLY, uid=uid, gid=gid)
+        sender = self._sender(event)
+        if sender is not None:
+            path, unit = self._cgroup(sender.cgroup_id)
+            return self._from_sender(who._replace(cgroup_id=sender.cgroup_id, cgroup=path,
+                                                  unit=unit), sender, ["nflog", "ebpf"])
+        owner = self._lookup(event)
+        if owner is None:
+            return who
+        path, unit = self._cgroup(owner.cgroup_id)
+        who = who._replace(cgroup_id=owner.cgroup_id, cgroup=path, unit=unit)
+        pid = owner_of_socket(owner.inode, path) if path is not None else None
+        return self._with_process(who, pid, ["nflog", "sockdiag"] if pid else ["nflog"])
 
     def _from_label(self, event: FlowEvent, uid: int, gid: int,
                     cgroup_id: int | None) -> Attribution:
