@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from conntrail.kernel import attrlabels, nft, sysctl
 from conntrail.kernel.netns import NetnsRef
+from conntrail.netlink import nftables
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,14 @@ class KernelSession:
             self._label(netns)
 
     def _label(self, netns: NetnsRef) -> None:
-        support = attrlabels.install(netns, self.options.cgroup_levels)
         where = netns.name or "current"
+        if nft.uses_ct_labels(netns, nftables.TABLE):
+            # Labels are only ever OR-ed in: ours would corrupt theirs and theirs ours (and
+            # their `ct label` matches would start matching our bits).
+            log.warning("attribution in netns %s: other rules use conntrack labels; uid and "
+                        "gid come from NFLOG instead", where)
+            return
+        support = attrlabels.install(netns, self.options.cgroup_levels)
         if support.labels:
             self.labelled.append(netns)
         if support.reason:

@@ -16,15 +16,45 @@ from tests.integration.traffic import TCP_SERVER
 
 __all__ = ["cgroups", "topo"]  # fixtures, imported for pytest
 
-# Connects, reports its port, keeps the socket open a while (so sock_diag can find it).
+# Connects, reports its pid and port, keeps the socket open a while (for sock_diag).
 LINGERING_CLIENT = r"""
-import socket, sys, time
+import os, socket, sys, time
 sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 sock.sendall(b"ping")
-print(sock.getsockname()[1], flush=True)
+print(os.getpid(), sock.getsockname()[1], flush=True)
 time.sleep(1.5)
 sock.close()
 """
+
+# Connects or sends once, reports its pid and port, exits at once.
+ONESHOT_CLIENT = r"""
+import os, socket, sys
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+if kind == "tcp":
+    sock = socket.create_connection((host, port), timeout=5)
+else:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.sendto(b"ping", (host, port))
+print(os.getpid(), sock.getsockname()[1], flush=True)
+"""
+
+
+def run_traced(topo_ns: Any, cgroup: Path, uid: int, gid: int, *args: str) -> tuple[int, int]:
+    """run_client for the clients above: (pid, source port). The pid is the interpreter's:
+    setpriv and the shell exec into it."""
+    import subprocess
+
+    from tests.integration.test_attrlabels import CLIENT_PYTHON
+
+    command = ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh",
+               str(cgroup), "nsenter", f"--net=/run/netns/{topo_ns.name}", "setpriv",
+               f"--reuid={uid}", f"--regid={gid}", "--clear-groups", CLIENT_PYTHON, "-I",
+               "-c", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    pid, port = proc.stdout.split()[-2:]
+    return int(pid), int(port)
 
 
 def new_events(stdout: str, netns: str) -> dict[int, dict[str, Any]]:
@@ -46,12 +76,12 @@ def test_watch_attributes_uid_gid_cgroup_and_pid(topo: NatTopology, cgroups: Cgr
                         "-n", topo.client.name, "-n", topo.router.name)
     try:
         with topo.server.spawn_python(TCP_SERVER, "::", "7300", "2", "10"):
-            long_port = run_client(topo.client, service, 4242, 4343, LINGERING_CLIENT,
-                                   "198.18.2.2", "7300")
-            v6_port = run_client(topo.client, oneshot, 4545, 4646, CLIENT, "tcp",
-                                 "2001:db8:2::2", "7300")
-        udp_port = run_client(topo.client, oneshot, 4444, 4545, CLIENT, "udp",
-                              "198.18.2.2", "7301")
+            long_pid, long_port = run_traced(topo.client, service, 4242, 4343,
+                                             LINGERING_CLIENT, "198.18.2.2", "7300")
+            v6_pid, v6_port = run_traced(topo.client, oneshot, 4545, 4646, ONESHOT_CLIENT,
+                                         "tcp", "2001:db8:2::2", "7300")
+        udp_pid, udp_port = run_traced(topo.client, oneshot, 4444, 4545, ONESHOT_CLIENT,
+                                       "udp", "198.18.2.2", "7301")
     finally:
         watch.stop()
     client_events = new_events(watch.stdout, topo.client.name)
@@ -63,16 +93,16 @@ def test_watch_attributes_uid_gid_cgroup_and_pid(topo: NatTopology, cgroups: Cgr
     assert attribution["unit"] == "web.service"
     assert attribution["confidence"] == "exact", held
     assert attribution["method"] == "labels+sockdiag+proc"
-    assert "LINGERING" not in held["process"]["command_line"]
     assert held["process"]["command_line"].startswith("/usr/bin/python3 -I -c")
-    assert held["process"]["pid"] > 1
+    assert held["process"]["pid"] == long_pid
     # Processes gone at once: uid, gid and cgroup exact from the labels, pid unknown.
-    for port, uid, gid in ((v6_port, 4545, 4646), (udp_port, 4444, 4545)):
+    for port, uid, gid, pid in ((v6_port, 4545, 4646, v6_pid), (udp_port, 4444, 4545, udp_pid)):
         doc = client_events[port]
         assert (doc["user"]["id"], doc["group"]["id"]) == (str(uid), str(gid))
         assert doc["conntrail"]["attribution"]["cgroup"].endswith("/batch.scope")
         assert doc["conntrail"]["attribution"]["unit"] == "batch.scope"
-        assert doc["conntrail"]["attribution"]["confidence"] in ("uid-only", "exact")
+        if doc["conntrail"]["attribution"]["confidence"] == "exact":  # never a wrong pid
+            assert doc["process"]["pid"] == pid, doc
     # The router only forwarded (and masqueraded) these: no process, not a miss.
     routed = list(new_events(watch.stdout, topo.router.name).values())
     assert routed and all(doc["conntrail"]["attribution"] == {
@@ -91,20 +121,20 @@ def test_ebpf_names_processes_gone_at_once(topo: NatTopology, cgroups: Cgroups) 
                         "-n", topo.client.name)
     try:
         with topo.server.spawn_python(TCP_SERVER, "::", "7320", "2", "10"):
-            tcp_ports = [run_client(topo.client, group, 4242, 4343, CLIENT, "tcp", host,
-                                    "7320") for host in ("198.18.2.2", "2001:db8:2::2")]
-        udp_port = run_client(topo.client, group, 4444, 4545, CLIENT, "udp", "198.18.2.2",
-                              "7321")
+            tcp = [run_traced(topo.client, group, 4242, 4343, ONESHOT_CLIENT, "tcp", host,
+                              "7320") for host in ("198.18.2.2", "2001:db8:2::2")]
+        udp = run_traced(topo.client, group, 4444, 4545, ONESHOT_CLIENT, "udp", "198.18.2.2",
+                         "7321")
     finally:
         watch.stop()
     events = new_events(watch.stdout, topo.client.name)
-    for port, uid in ((tcp_ports[0], 4242), (tcp_ports[1], 4242), (udp_port, 4444)):
+    for (pid, port), uid in ((tcp[0], 4242), (tcp[1], 4242), (udp, 4444)):
         doc = events[port]
+        assert doc["process"]["pid"] == pid, doc
         attribution = doc["conntrail"]["attribution"]
         assert attribution["confidence"] == "exact", doc
         assert attribution["method"].startswith("labels+ebpf"), doc
         assert doc["user"]["id"] == str(uid)
-        assert doc["process"]["pid"] > 1
         assert doc["process"]["command_line"].startswith("/usr/bin/python3 -I -c"), doc
 
 
@@ -150,7 +180,7 @@ def test_text_lines_and_filters(topo: NatTopology, cgroups: Cgroups) -> None:
     assert int(pid) > 1 and owner == "4242:4343" and colons == "::"
     assert service.endswith("/team.slice/api.service")
     # The command line's newlines are escaped: a process cannot forge lines of our log.
-    assert lines[2].startswith("\t/usr/bin/python3 -I -c \\nimport socket, sys, time\\n")
+    assert lines[2].startswith("\t/usr/bin/python3 -I -c \\nimport os, socket, sys, time\\n")
 
 
 def test_no_attribution_leaves_no_table(topo: NatTopology, tmp_path: Path) -> None:
@@ -165,3 +195,22 @@ def test_no_attribution_leaves_no_table(topo: NatTopology, tmp_path: Path) -> No
     finally:
         watch.stop()
     assert "conntrail_attr" not in topo.client.tables()  # removed on exit
+
+
+def test_other_label_users_make_us_use_nflog(topo: NatTopology, cgroups: Cgroups) -> None:
+    """Someone's `ct label` rules: our labels would mix with theirs, so NFLOG it is."""
+    topo.client.nft("table inet theirs {\n chain out {\n type filter hook output priority 10;"
+                    "\n ct label 5 counter\n }\n}\n")
+    group = cgroups.make("mixed.service")
+    watch = start_watch("watch", "--json", "-e", "new", "--ebpf", "off", "-n",
+                        topo.client.name)
+    try:
+        assert "conntrail_attr" not in topo.client.tables()
+        _, port = run_traced(topo.client, group, 4242, 4343, ONESHOT_CLIENT, "udp",
+                             "198.18.2.2", "7341")
+    finally:
+        watch.stop()
+    assert "other rules use conntrack labels" in watch.stderr
+    doc = new_events(watch.stdout, topo.client.name)[port]
+    assert doc["user"]["id"] == "4242" and doc["conntrail"]["attribution"]["method"] \
+        .startswith("nflog")

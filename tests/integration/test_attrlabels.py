@@ -222,10 +222,10 @@ def test_install_replaces_and_remove_is_idempotent(netns_factory: NetnsFactory) 
     ref = resolve(ns.name)
     assert install(ns, levels=8) == LabelSupport(True, 8)
     assert install(ns, levels=2) == LabelSupport(True, 2)  # replaced, not appended to
-    assert rule_count(ns) == 1 + 3 + 1 + 1
+    assert rule_count(ns) == 2 + 3 + 1 + 1  # guards, levels 2..0, uid/gid, kernel
     assert ns.tables().split() == ["table", "inet", nftables.TABLE]
     assert install(ns, levels=0) == LabelSupport(True, 0)
-    assert rule_count(ns) == 3
+    assert rule_count(ns) == 4
     attrlabels.remove(ref)
     attrlabels.remove(ref)
     assert ns.tables().strip() == ""

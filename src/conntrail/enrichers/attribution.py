@@ -24,9 +24,12 @@ import logging
 import os
 import select
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from conntrail.errors import ConfigError
 from conntrail.kernel import cgroups
 from conntrail.kernel.cgroups import CgroupMap
 from conntrail.kernel.localview import LocalityCache, LocalView
@@ -54,8 +57,11 @@ class AttributionOptions:
     identity: str = "labels"  # where uid/gid come from: "labels", or "nflog" (the fallback)
 
 
-RECORD_TTL_NS = 60 * 1_000_000_000  # eBPF records wait this long for their conntrack event
-RECORDS_MAX = 262_144  # and at most this many (oldest dropped first)
+RECORD_TTL_NS = 10 * 1_000_000_000  # eBPF flow records wait this long for their NEW event
+EXEC_TTL_NS = 600 * 1_000_000_000  # exec records describe a pid this long at most
+RECORDS_MAX = 65_536  # records kept at most (oldest dropped first)
+LATE_RECORD_WAIT_MS = 2  # a record can trail its NEW event (egress runs after confirm)
+FD_SCAN_MAX_PROCS = 256  # an fd scan stops after this many processes of the cgroup
 
 
 @dataclass
@@ -75,9 +81,13 @@ class Attributor:
     lookups: int = 0
     lookup_failures: int = 0
     _until_refresh: int = 0
-    _flows: dict[tuple[int, tuple[object, ...]], Any] = field(default_factory=dict)
+    _flows: OrderedDict[tuple[int, tuple[object, ...]], Any] = field(
+        default_factory=OrderedDict)
     _bpf_lock: threading.Lock = field(default_factory=threading.Lock)
-    _execs: dict[int, Any] = field(default_factory=dict)
+    _proc_lock: threading.Lock = field(default_factory=threading.Lock)
+    _execs: OrderedDict[int, Any] = field(default_factory=OrderedDict)
+    _watched_inodes: set[int] = field(default_factory=set)
+    errors: int = 0
     _netns_ino: dict[str, int] = field(default_factory=dict)
     _nflog: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # netns: (source, ids)
 
@@ -103,11 +113,14 @@ class Attributor:
 
         try:
             self.bpf = bpf.BpfAttribution.open()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: the tier is optional
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            log.debug("attribution: eBPF tier failed: %s", exc)  # the whole build/verifier log
             if self.options.ebpf == "on":
-                raise
+                raise ConfigError("--ebpf", f"on, but {first_line} (-vv shows the log)"
+                                  ) from None
             log.info("attribution: no eBPF tier (%s); pids come from sock_diag while the "
-                     "socket lives", exc)
+                     "socket lives", first_line)
             return
         log.info("attribution: eBPF tier attached (%s)", self.bpf.support.describe())
 
@@ -124,6 +137,7 @@ class Attributor:
         """A namespace whose NEW events will come; without labels there, the uid and gid of
         each new local flow's first packet come from NFLOG instead (which needs a rule of
         ours too: not when rules are refused)."""
+        self.watch_namespace(netns)
         if not rules or (labelled and self.options.identity != "nflog"):
             return
         from conntrail.enrichers.nflog_ids import NflogIds
@@ -144,19 +158,28 @@ class Attributor:
         execs and other namespaces' packets never stop, and an overflow loses them."""
         fds = [source.fileno() for source in (self.processes, self.bpf) if source is not None]
         while not self._stop.is_set():
-            readable, _, _ = select.select(fds, [], [], 0.5)
-            if self.processes is not None:
-                if self.processes.fileno() in readable:
-                    self.processes.read()
-                self.processes.expire()
-            if self.bpf is not None and self.bpf.fileno() in readable:
-                self._drain_bpf()
+            try:
+                readable, _, _ = select.select(fds, [], [], 0.5)
+                if self.processes is not None:
+                    with self._proc_lock:
+                        if self.processes.fileno() in readable:
+                            self.processes.read()
+                        self.processes.expire()
+                if self.bpf is not None and self.bpf.fileno() in readable:
+                    self._drain_bpf()
+            except Exception:  # a bad read must not end the draining
+                self.errors += 1
+                log.exception("attribution: reading the process/eBPF events failed")
+                self._stop.wait(1.0)
 
     def stop(self) -> None:
         """Stop the reader and release sockets (idempotent)."""
         self._stop.set()
         if self._reader is not None:
-            self._reader.join(2.0)
+            self._reader.join(5.0)
+            if self._reader.is_alive():  # stuck in a read: closing under it would crash it
+                log.error("attribution: the event reader did not stop; leaving its sockets")
+                return
             self._reader = None
         if self.processes is not None:
             self.processes.stop()
@@ -172,7 +195,17 @@ class Attributor:
         self._nflog.clear()
 
     def __call__(self, event: FlowEvent) -> FlowEvent:
-        """The event with its attribution."""
+        """The event with its attribution (never an exception: the runner would pass the
+        event on unfiltered)."""
+        try:
+            return self._attribute(event)
+        except Exception:  # counted and logged; the event goes on unattributed
+            self.errors += 1
+            if self.errors <= 10:
+                log.exception("attribution failed on an event")
+            return event._replace(who=UNKNOWN)
+
+    def _attribute(self, event: FlowEvent) -> FlowEvent:
         self._until_refresh -= 1
         if self._until_refresh < 0:  # namespaces' addresses change: re-read now and then
             self._until_refresh = 256
@@ -184,9 +217,11 @@ class Attributor:
         if is_kernel_label(flow.labels):
             return event._replace(who=KERNEL)
         view = self.locality(event.netns)
-        orig = flow.orig
+        orig, reply = flow.orig, flow.reply
+        # The destination after DNAT decides: a port forward to an inside host is forwarded.
+        destination = orig.dst if reply is None else reply.src
         if view is not None and orig.src not in view.addresses and \
-                not view.is_local_destination(orig.dst):
+                not view.is_local_destination(destination):
             return event._replace(who=FORWARDED)
         if event.kind is EventKind.NEW and event.netns in self._nflog:
             ids = self._nflog_ids(event)
@@ -211,7 +246,7 @@ class Attributor:
     def _from_ids(self, event: FlowEvent, uid: int | None, gid: int | None) -> Attribution:
         """NFLOG's uid and gid (no cgroup in them: sock_diag or eBPF may add it)."""
         who = Attribution("nflog", Confidence.UID_ONLY, uid=uid, gid=gid)
-        sender = self._sender(event)
+        sender = self._sender(event, uid)
         if sender is not None:
             path, unit = self._cgroup(sender.cgroup_id)
             return self._from_sender(who._replace(cgroup_id=sender.cgroup_id, cgroup=path,
@@ -221,8 +256,9 @@ class Attributor:
             return who
         path, unit = self._cgroup(owner.cgroup_id)
         who = who._replace(cgroup_id=owner.cgroup_id, cgroup=path, unit=unit)
-        pid = owner_of_socket(owner.inode, path) if path is not None else None
-        return self._with_process(who, pid, ["nflog", "sockdiag"] if pid else ["nflog"])
+        pid = _holder(owner, path)
+        return self._with_process(who, pid, ["nflog", "sockdiag"] if pid else ["nflog"],
+                                  owner.match == "exact")
 
     def _from_label(self, event: FlowEvent, uid: int, gid: int,
                     cgroup_id: int | None) -> Attribution:
@@ -232,21 +268,26 @@ class Attributor:
                           cgroup_id=cgroup_id, cgroup=path, unit=unit)
         if event.kind is not EventKind.NEW:
             return who
-        sender = self._sender(event)
+        sender = self._sender(event, uid, cgroup_id)
         if sender is not None:
             methods.append("ebpf")
             return self._from_sender(who, sender, methods)
         pid: int | None = None
+        exact = True
         if path is not None:
             owner = self._lookup(event)
             if owner is not None:
-                pid = owner_of_socket(owner.inode, path)
+                pid = _holder(owner, path)
+                exact = owner.match == "exact"  # a listener or a port's socket: a guess
                 if pid is not None:
                     methods.append("sockdiag")
-        return self._with_process(who, pid, methods)
+        return self._with_process(who, pid, methods, exact)
 
-    def _sender(self, event: FlowEvent) -> Any:
-        """The eBPF record of this flow's first packet, if the tier runs and sent one."""
+    def _sender(self, event: FlowEvent, uid: int | None = None,
+                cgroup_id: int | None = None) -> Any:
+        """The eBPF record of this flow's first packet, if the tier runs and sent one, and it
+        agrees with what the labels say (uid, cgroup): a record of an earlier flow on the
+        same tuple never stands for this one."""
         if self.bpf is None or event.flow.reply is None:
             return None
         from conntrail.kernel.bpf import flow_key
@@ -255,30 +296,67 @@ class Attributor:
         if key is None:
             return None
         ident = (self._namespace_inode(event.netns), key)
+        self._drain_bpf()  # first: an older record of the same tuple may be queued
+        record = self._take(ident)
+        if record is None:  # egress runs after conntrack confirmed: it may trail the NEW
+            self.bpf.poll(LATE_RECORD_WAIT_MS)
+            self._drain_bpf()
+            record = self._take(ident)
+        if record is None:
+            return None
+        if (uid is not None and record.uid != uid) or \
+                (cgroup_id is not None and record.sk_cgroup_id not in (0, cgroup_id)):
+            return None
+        return record
+
+    def _take(self, ident: tuple[int, tuple[object, ...]]) -> Any:
         with self._bpf_lock:
             record = self._flows.pop(ident, None)
         if record is None:
-            self._drain_bpf()
-            with self._bpf_lock:
-                record = self._flows.pop(ident, None)
-        return record
+            return None
+        age = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - record.ktime_ns
+        return record if age <= RECORD_TTL_NS else None
 
     def _drain_bpf(self) -> None:
-        from conntrail.kernel.bpf import ExecRecord, FlowRecord
+        from conntrail.kernel.bpf import ExecRecord, FlowRecord, ForkRecord
 
-        with self._bpf_lock:  # the background thread and a lookup miss both drain
-            self._file(self.bpf.read(), FlowRecord, ExecRecord)
+        with self._bpf_lock:  # the background thread and a lookup both drain
+            self._file(self.bpf.read(), FlowRecord, ExecRecord, ForkRecord)
+            self._expire_records()
 
-    def _file(self, records: list[Any], flow_type: type[Any], exec_type: type[Any]) -> None:
+    def _file(self, records: list[Any], flow_type: type[Any], exec_type: type[Any],
+              fork_type: type[Any]) -> None:
+        """Keep the flow records of watched namespaces (the program sees the whole host),
+        and what each pid runs: an exec's argv, or for a fork its parent's."""
         for record in records:
             if isinstance(record, flow_type):
-                if len(self._flows) >= RECORDS_MAX:
-                    del self._flows[next(iter(self._flows))]
-                self._flows[(record.netns_ino, record.key)] = record
+                if record.netns_ino in self._watched_inodes:
+                    self._flows[(record.netns_ino, record.key)] = record
+                    _bound(self._flows)
             elif isinstance(record, exec_type):
-                if len(self._execs) >= RECORDS_MAX:
-                    del self._execs[next(iter(self._execs))]
-                self._execs[record.pid] = record
+                self._execs.pop(record.pid, None)
+                self._execs[record.pid] = (record.ktime_ns, record)
+                _bound(self._execs)
+            elif isinstance(record, fork_type):
+                parent = self._execs.get(record.ppid)
+                self._execs.pop(record.pid, None)  # a reused pid: its old exec is not this
+                if parent is not None:  # it runs its parent's program, under its own pids
+                    self._execs[record.pid] = (record.ktime_ns, parent[1]._replace(
+                        pid=record.pid, tid=record.pid, ppid=record.ppid))
+                    _bound(self._execs)
+
+    def _expire_records(self) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        while self._flows:
+            oldest = next(iter(self._flows.values()))
+            if now - oldest.ktime_ns <= RECORD_TTL_NS:
+                break
+            self._flows.popitem(last=False)
+        while self._execs:
+            seen, _ = next(iter(self._execs.values()))
+            if now - seen <= EXEC_TTL_NS:
+                break
+            self._execs.popitem(last=False)
 
     def _namespace_inode(self, netns: str) -> int:
         ino = self._netns_ino.get(netns)
@@ -292,17 +370,31 @@ class Attributor:
             self._netns_ino[netns] = ino
         return ino
 
+    def watch_namespace(self, netns: NetnsRef) -> None:
+        """Records of this namespace are kept (others are dropped as they arrive)."""
+        self._watched_inodes.add(self._namespace_inode(netns.name))
+
     def _from_sender(self, who: Attribution, record: Any, methods: list[str]) -> Attribution:
-        """The eBPF record's task, described by its exec record, the table or /proc."""
-        info = self._describe(record.tgid)
-        if info is not None and info.comm is not None and info.comm != record.comm:
-            info = None  # the pid was reused since: not our process
+        """The eBPF record's task, described by what ran under its pid *when it sent*: the
+        exec (or fork) record seen before the packet, else the process table or /proc if
+        that process started before the packet (a later one reused the pid)."""
+        sent_ns = record.ktime_ns
         with self._bpf_lock:
-            exec_record = self._execs.get(record.tgid)
-        # /proc's argv is whole; the exec record's may be cut at 256 bytes, but it outlives
-        # the process.
-        cmdline = info.cmdline if info is not None and info.cmdline else \
-            None if exec_record is None else exec_record.cmdline
+            seen = self._execs.get(record.tgid)
+        exec_record = seen[1] if seen is not None and seen[0] <= sent_ns else None
+        info = self._describe(record.tgid)
+        if info is not None and info.started_ns is not None and \
+                info.started_ns - _boot_offset() > sent_ns + _TICK_NS:
+            info = None  # started after the packet: the pid was reused since
+        if info is not None and exec_record is not None and info.comm != exec_record.comm:
+            info = None  # it exec'd something else since
+        # The exec record's argv is what ran then (cut at 256 bytes); /proc's is whole, but
+        # only right while the same image runs.
+        cmdline = exec_record.cmdline if exec_record is not None else \
+            None if info is None else info.cmdline
+        if cmdline and info is not None and info.cmdline and \
+                info.cmdline.startswith(cmdline):
+            cmdline = info.cmdline
         if info is not None:
             methods.append("proc")
         return who._replace(
@@ -322,21 +414,22 @@ class Attributor:
         if owner is None:
             return None
         path, unit = self._cgroup(owner.cgroup_id)
-        pid = owner_of_socket(owner.inode, path) if path is not None else None
+        pid = _holder(owner, path)
         who = Attribution("sockdiag", Confidence.UID_ONLY, uid=owner.uid,
                           cgroup_id=owner.cgroup_id, cgroup=path, unit=unit)
-        return self._with_process(who, pid, ["sockdiag"])
+        return self._with_process(who, pid, ["sockdiag"], owner.match == "exact")
 
-    def _with_process(self, who: Attribution, pid: int | None,
-                      methods: list[str]) -> Attribution:
-        """Describe the pid (exact: found holding the flow's socket)."""
+    def _with_process(self, who: Attribution, pid: int | None, methods: list[str],
+                      exact: bool = True) -> Attribution:
+        """Describe the pid: exact when found holding the flow's own socket."""
         if pid is None:
             return who._replace(method="+".join(methods))
         info = self._describe(pid)
         if info is not None:
             methods.append("proc")
         return who._replace(
-            method="+".join(methods), confidence=Confidence.EXACT, pid=pid,
+            method="+".join(methods),
+            confidence=Confidence.EXACT if exact else Confidence.INFERRED, pid=pid,
             ppid=None if info is None else info.ppid, comm=None if info is None else info.comm,
             exe=None if info is None else info.exe,
             cmdline=None if info is None else info.cmdline,
@@ -345,7 +438,8 @@ class Attributor:
 
     def _describe(self, pid: int) -> ProcessInfo | None:
         if self.processes is not None:
-            info = self.processes.lookup(pid)
+            with self._proc_lock:  # the background thread updates the table
+                info = self.processes.lookup(pid)
             if info is not None:
                 return info
         return describe(pid)
@@ -391,3 +485,24 @@ class Attributor:
                 self._units.clear()
             known = self._units[path] = (path, unit)
         return known
+
+
+_TICK_NS = 20_000_000  # /proc start times have clock-tick (10 ms) precision: allow two
+
+
+def _boot_offset() -> int:
+    """UTC epoch ns minus CLOCK_BOOTTIME ns (records' clock)."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _bound(records: OrderedDict[Any, Any]) -> None:
+    """Drop the oldest entries beyond RECORDS_MAX (O(1) each, unlike a dict's first key)."""
+    while len(records) > RECORDS_MAX:
+        records.popitem(last=False)
+
+
+def _holder(owner: SocketOwner, path: str | None) -> int | None:
+    """The pid holding the socket, searched among its cgroup's processes only."""
+    if path is None:
+        return None
+    return owner_of_socket(owner.inode, path, max_procs=FD_SCAN_MAX_PROCS)

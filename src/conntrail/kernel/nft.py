@@ -111,6 +111,26 @@ def conntrack_in_use(netns: NetnsRef) -> bool:
     return ruleset_uses_conntrack(list_ruleset(netns))
 
 
+def ruleset_uses_ct_labels(ruleset: dict[str, Any], own_table: str) -> bool:
+    """True when a rule outside `own_table` reads or writes conntrack labels (`ct label`,
+    iptables' connlabel): conntrail's labels would then mix with them."""
+    for item in ruleset.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict) or rule.get("table") == own_table:
+            continue
+        for key, value in _walk(rule.get("expr", [])):
+            if key == "ct" and isinstance(value, dict) and value.get("key") == "label":
+                return True
+            if key == "xt" and isinstance(value, dict) and value.get("name") == "connlabel":
+                return True
+    return False
+
+
+def uses_ct_labels(netns: NetnsRef, own_table: str) -> bool:
+    """Does a rule of someone else's in this namespace use conntrack labels?"""
+    return ruleset_uses_ct_labels(list_ruleset(netns), own_table)
+
+
 def table_exists(netns: NetnsRef) -> bool:
     """Is conntrail's own table present?"""
     output = run_nft(["list", "tables", TABLE_FAMILY], netns)

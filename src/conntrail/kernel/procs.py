@@ -134,7 +134,8 @@ def _argv(base: str) -> tuple[str, ...] | None:
     return tuple(part.decode("utf-8", "replace") for part in raw.rstrip(b"\0").split(b"\0"))
 
 
-def owner_of_socket(inode: int, cgroup_path: str, mount: str | None = None) -> int | None:
+def owner_of_socket(inode: int, cgroup_path: str, mount: str | None = None,
+                    max_procs: int | None = None) -> int | None:
     """The pid of a process of cgroup `cgroup_path` holding the socket `inode`, or None.
 
     Only that cgroup's processes (its cgroup.procs) are scanned. The root cgroup holds every
@@ -149,7 +150,9 @@ def owner_of_socket(inode: int, cgroup_path: str, mount: str | None = None) -> i
         log.debug("socket %d belongs to the root cgroup: not scanned, pid unknown", inode)
         return None
     target = f"socket:[{inode}]"
-    for pid in cgroups.procs(cgroup_path, mount):
+    # A budget: a cgroup of thousands of processes (a login session) would otherwise cost
+    # milliseconds per flow on the pipeline thread.
+    for pid in cgroups.procs(cgroup_path, mount)[:max_procs]:
         if _holds(pid, target):
             return pid
     return None

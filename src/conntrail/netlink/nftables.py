@@ -62,6 +62,7 @@ NLMSGERR_ATTR_MSG = 1
 NLMSGERR_ATTR_OFFS = 2
 # linux/netfilter/nf_conntrack_common.h: NF_CT_STATE_BIT(IP_CT_NEW) = 1 << (2 + 1)
 CT_STATE_NEW = 1 << 3
+IPS_CONFIRMED = 1 << 3  # enum ip_conntrack_status (nf_conntrack_common.h)
 
 
 class NftMsg(enum.IntEnum):
@@ -150,6 +151,7 @@ class CtKey(enum.IntEnum):
     """enum nft_ct_keys (the ones conntrail uses)."""
 
     STATE = 0
+    STATUS = 2
     LABELS = 13
 
 
@@ -292,6 +294,18 @@ def guard_rule() -> list[bytes]:
     ]
 
 
+def confirmed_guard_rule() -> list[bytes]:
+    """`ct status confirmed accept`: of a new flow, only the very first packet is labelled.
+    A second unanswered UDP datagram is still `new` but confirmed; labelling it again would
+    OR its socket's ids into the first one's (labels are only ever set, never cleared)."""
+    return [
+        ct_load(CtKey.STATUS, Reg.REG_1),
+        bitwise(Reg.REG_1, Reg.REG_1, HOST_U32.pack(IPS_CONFIRMED), HOST_U32.pack(0)),
+        cmp_eq(Reg.REG_1, HOST_U32.pack(IPS_CONFIRMED)),
+        accept(),
+    ]
+
+
 def _uid_gid() -> list[bytes]:
     """uid → REG32_00, gid → REG32_01; both break without a full socket opened by a user
     (kernel-originated packets: RSTs, ICMP errors, IGMP reports)."""
@@ -332,7 +346,8 @@ def rule_set(levels: int) -> list[tuple[str, list[bytes]]]:
     first level rule that matches is the deepest; levels 0 installs no level rule at all
     (uid and gid only), otherwise levels `levels`..0 are installed (0 = root cgroup).
     """
-    rules = [("ct state != new accept", guard_rule())]
+    rules = [("ct state != new accept", guard_rule()),
+             ("ct status confirmed accept", confirmed_guard_rule())]
     if levels:
         rules += [(f"cgroup level {level}", level_rule(level))
                   for level in range(levels, -1, -1)]

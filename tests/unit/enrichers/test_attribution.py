@@ -90,7 +90,7 @@ def test_a_pid_is_exact_only_when_found_holding_the_socket(monkeypatch: Any) -> 
     info = ProcessInfo(321, 1, "curl", "/usr/bin/curl", ("curl", "-s", "x"), 1000, 1001,
                        "/system.slice/nginx.service", 5)
     monkeypatch.setattr(attribution, "owner_of_socket",
-                        lambda inode, path: 321 if (inode, path) == (
+                        lambda inode, path, max_procs=None: 321 if (inode, path) == (
                             4711, "/system.slice/nginx.service") else None)
     monkeypatch.setattr(attribution, "describe", lambda pid: info if pid == 321 else None)
     stage = attributor(owner)
@@ -113,3 +113,88 @@ def test_an_inbound_flow_is_looked_up_by_its_local_end() -> None:
     assert who is not None and (who.method, who.uid) == ("sockdiag", 33)
     sockets = cast(FakeSockets, stage.sockets)
     assert sockets.asked[0][3:] == ("198.18.1.2", 443, "198.18.7.7", 40000)
+
+
+# ---- the eBPF records ------------------------------------------------------------------
+
+class FakeBpf:
+    """A ring buffer that hands out the records queued in it."""
+
+    def __init__(self) -> None:
+        self.queue: list[Any] = []
+
+    def read(self) -> list[Any]:
+        records, self.queue = self.queue, []
+        return records
+
+    def poll(self, _timeout_ms: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bpf_stage(monkeypatch: Any) -> tuple[Attributor, FakeBpf]:
+    from conntrail.enrichers import attribution
+
+    stage = attributor()
+    stage.sockets = None
+    fake = FakeBpf()
+    stage.bpf = fake
+    stage._netns_ino["ns"] = 4026531999
+    stage._watched_inodes.add(4026531999)
+    monkeypatch.setattr(attribution, "describe", lambda pid: None)
+    return stage, fake
+
+
+def _flow_record(pid: int, uid: int, ktime: int, netns_ino: int = 4026531999) -> Any:
+    from conntrail.kernel.bpf import FlowRecord
+
+    return FlowRecord(AF_INET, 6, "198.18.1.2", "198.18.9.9", 40000, 443, pid, pid, uid, 0,
+                      "curl", 77, 77, ktime, 1, 1, netns_ino, 0, 0, 0)
+
+
+def _now() -> int:
+    import time
+
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def test_a_record_is_the_senders_only_when_it_agrees_with_the_labels(monkeypatch: Any) -> None:
+    stage, ring = _bpf_stage(monkeypatch)
+    labelled = event("198.18.1.2", "198.18.9.9", encode_label(1000, 1001, 77))
+    ring.queue = [_flow_record(500, 1000, _now())]
+    who = stage(labelled).who
+    assert who is not None and (who.pid, who.method) == (500, "labels+ebpf")
+    ring.queue = [_flow_record(501, 0, _now())]  # another user's flow on the same tuple
+    who = stage(labelled).who
+    assert who is not None and who.pid is None and who.method == "labels"
+
+
+def test_stale_records_and_other_namespaces_are_never_used(monkeypatch: Any) -> None:
+    stage, ring = _bpf_stage(monkeypatch)
+    labelled = event("198.18.1.2", "198.18.9.9", encode_label(1000, 1001, 77))
+    ring.queue = [_flow_record(500, 1000, _now() - 60 * 10**9)]  # a minute old
+    assert stage(labelled).who.pid is None  # type: ignore[union-attr]
+    ring.queue = [_flow_record(502, 1000, _now(), netns_ino=12345)]  # not watched
+    assert stage(labelled).who.pid is None  # type: ignore[union-attr]
+    assert not stage._flows
+
+
+def test_a_forked_child_runs_its_parents_program_not_an_older_pid_owners(
+        monkeypatch: Any) -> None:
+    from conntrail.kernel.bpf import ExecRecord, ForkRecord
+
+    stage, ring = _bpf_stage(monkeypatch)
+    now = _now()
+    ring.queue = [
+        ExecRecord(700, 700, 1, 0, 0, "ssh", "/usr/bin/ssh", ("ssh", "root@secret"), False,
+                   77, now - 30),
+        ExecRecord(600, 600, 1, 1000, 1001, "curl", "/usr/bin/curl", ("curl", "-s", "x"),
+                   False, 77, now - 20),
+        ForkRecord(700, 600, "curl", now - 10),  # pid 700 reused: a child of curl
+        _flow_record(700, 1000, now),
+    ]
+    who = stage(event("198.18.1.2", "198.18.9.9", encode_label(1000, 1001, 77))).who
+    assert who is not None and who.pid == 700
+    assert who.cmdline == "curl -s x" and who.ppid == 600  # the parent's program, not ssh

@@ -31,6 +31,7 @@ from conntrail.netlink.nftables import (
     decode_label,
     encode_label,
     install_batch,
+    is_kernel_label,
     remove_batch,
 )
 
@@ -133,10 +134,10 @@ def test_batch_framing() -> None:
         assert (control.msg_type, control.flags, control.family) == (msg_type, REQUEST, 0)
         assert control.res_id == 10 and control.root.children == []
     assert batch.data[16 + 2:16 + 4] == b"\x00\x0a"  # res_id big endian
-    assert [m.msg_type for m in body] == [NFT | 0, NFT | 2, NFT | 0, NFT | 3] + [NFT | 6] * 12
+    assert [m.msg_type for m in body] == [NFT | 0, NFT | 2, NFT | 0, NFT | 3] + [NFT | 6] * 13
     assert all(m.family == 1 and m.res_id == 0 and m.flags & (REQUEST | ACK) == REQUEST | ACK
                for m in body)
-    assert [m.flags & CREATE for m in body] == [CREATE, 0, CREATE, CREATE] + [CREATE] * 12
+    assert [m.flags & CREATE for m in body] == [CREATE, 0, CREATE, CREATE] + [CREATE] * 13
     assert all(m.flags & APPEND for m in body[4:])
     assert batch.begin_seq == 7 and [e.seq for e in batch.entries] == [m.seq for m in body]
     assert batch.entries[1].what == "delete table inet conntrail_attr"
@@ -170,22 +171,26 @@ def _rules(levels: int) -> list[list[tuple[str, Attr]]]:
 def test_rule_order_and_expressions() -> None:
     rules = _rules(8)
     names = [[name for name, _ in rule] for rule in rules]
-    assert names[0] == ["ct", "bitwise", "cmp", "immediate"]
-    assert names[1:10] == [["meta", "meta", "socket", "bitwise", "ct", "immediate"]] * 9
-    assert names[10] == ["meta", "meta", "immediate", "ct", "immediate"]
-    assert names[11] == ["immediate", "ct"]  # the kernel's: no socket rule matched
-    levels = [dict(rule)["socket"].get(3).be32 for rule in rules[1:10]]
+    assert names[0] == names[1] == ["ct", "bitwise", "cmp", "immediate"]  # the two guards
+    assert names[2:11] == [["meta", "meta", "socket", "bitwise", "ct", "immediate"]] * 9
+    assert names[11] == ["meta", "meta", "immediate", "ct", "immediate"]
+    assert names[12] == ["immediate", "ct"]  # the kernel's: no socket rule matched
+    levels = [dict(rule)["socket"].get(3).be32 for rule in rules[2:11]]
     assert levels == [8, 7, 6, 5, 4, 3, 2, 1, 0]  # deepest first, root last
 
 
 def test_uid_gid_only() -> None:
     names = [[name for name, _ in rule] for rule in _rules(0)]
-    assert names == [["ct", "bitwise", "cmp", "immediate"],
+    assert names == [["ct", "bitwise", "cmp", "immediate"], ["ct", "bitwise", "cmp", "immediate"],
                      ["meta", "meta", "immediate", "ct", "immediate"], ["immediate", "ct"]]
 
 
 def test_expression_attributes() -> None:
-    guard, level, *_, base, kernel = _rules(3)
+    guard, confirmed, level, *_, base, kernel = _rules(3)
+    status, status_mask, status_cmp, _ = (attrs for _, attrs in confirmed)
+    assert status.get(2).be32 == 2  # NFT_CT_STATUS
+    assert data_value(status_mask.get(4)) == data_value(status_cmp.get(3)) \
+        == struct.pack("=I", 8)  # IPS_CONFIRMED
     ct_state, mask, cmp, verdict = (attrs for _, attrs in guard)
     assert (ct_state.get(2).be32, ct_state.get(1).be32) == (0, 1)  # NFT_CT_STATE → NFT_REG_1
     assert data_value(mask.get(4)) == struct.pack("=I", 8)  # NF_CT_STATE_BIT(IP_CT_NEW)
@@ -220,8 +225,8 @@ def test_golden_bytes() -> None:
         "1c000280"  # NFTA_EXPR_DATA (28 bytes), nested
         "0800010000000003" "080002000000000a" "0800030000000003")  # key, dreg, level
     assert hashlib.sha256(install_batch(8).data).hexdigest() == (
-        "88c4db6f738850a27eda26036a68192602fbe36fb169b762d069d0a441cb854b")
-    assert len(install_batch(8).data) == 4144
+        "d0b634b3a0216e841f2ae2a640b96adcfaa88cf7e248d00d7a77fe3fd17b31db")
+    assert len(install_batch(8).data) == 4404
 
 
 def test_remove_batch() -> None:
@@ -246,6 +251,7 @@ class Packet:
     """What the expressions read: ct state, the socket's uid/gid, its cgroup ancestors."""
 
     ct_state: int = 8
+    ct_status: int = 0  # IPS_CONFIRMED (8) once the flow's first packet left
     uid: int | None = None  # None: no full socket opened by a user (kernel-originated)
     gid: int = 0
     ancestors: tuple[int, ...] = (1,)  # cgroup ids from the root (level 0) down
@@ -262,9 +268,11 @@ def run_chain(rules: list[list[tuple[str, Attr]]], pkt: Packet, labels: bytearra
         regs = bytearray(64)
         for name, attrs in rule:
             if name == "ct" and any(child.kind == 1 for child in attrs.children):  # DREG
-                assert attrs.get(2).be32 == 0  # NFT_CT_STATE
+                key = attrs.get(2).be32
+                assert key in (0, 2)  # NFT_CT_STATE, NFT_CT_STATUS
                 start = _reg(attrs.get(1).be32)
-                regs[start:start + 4] = struct.pack("=I", pkt.ct_state)
+                regs[start:start + 4] = struct.pack("=I", pkt.ct_state if key == 0
+                                                    else pkt.ct_status)
             elif name == "ct":
                 assert attrs.get(2).be32 == 13  # NFT_CT_LABELS
                 start = _reg(attrs.get(4).be32)
@@ -299,11 +307,15 @@ def run_chain(rules: list[list[tuple[str, Attr]]], pkt: Packet, labels: bytearra
                 regs[start:start + len(constant)] = constant
 
 
-def label_for(pkt: Packet, levels: int = 8) -> tuple[int, int, int | None] | None:
+def label_for_raw(pkt: Packet, levels: int = 8) -> int | None:
     labels = bytearray(16)
     run_chain(_rules(levels), pkt, labels)
     value = int.from_bytes(labels, sys.byteorder)  # how the conntrack codec reads CTA_LABELS
-    return decode_label(value if any(labels) else None)
+    return value if any(labels) else None
+
+
+def label_for(pkt: Packet, levels: int = 8) -> tuple[int, int, int | None] | None:
+    return decode_label(label_for_raw(pkt, levels))
 
 
 def test_model_deepest_cgroup_wins() -> None:
@@ -323,7 +335,8 @@ def test_model_root_uid0_and_unknown_cgroup() -> None:
 
 
 def test_model_no_label_without_socket_or_when_not_new() -> None:
-    assert label_for(Packet(uid=None)) is None
+    assert label_for(Packet(uid=1000, ct_status=8)) is None  # a later packet of a new flow
+    assert is_kernel_label(label_for_raw(Packet(uid=None)))
     assert label_for(Packet(uid=1000, ct_state=2)) is None  # established
     assert label_for(Packet(uid=1000, ct_state=64)) is None  # untracked
 
