@@ -219,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if attributor is not None:
             attributor.start()
+            if attributor.bpf is None and attributor.sockets is not None:
+                # Without eBPF a pid is found only while its socket exists: waiting 5 ms to
+                # batch events lets short-lived sockets go (measured: pids found for 61-90 %
+                # of events handled within 1 ms, almost none after 2-5 ms).
+                pipeline.idle_sleep = 0.0
         for netns in namespaces:
             session.prepare(netns)
             if attributor is not None:
