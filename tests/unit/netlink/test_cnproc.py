@@ -6,12 +6,13 @@ with `encode_subscribe` (their headers say which processes ran); the recorder's 
 
 from __future__ import annotations
 
+import functools
 import struct
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from tests.unit.netlink.recorded import DATA_ROOT, ci, datagrams
 
 from conntrail.errors import DecodeError
 from conntrail.netlink.cnproc import (
@@ -37,9 +38,9 @@ from conntrail.netlink.cnproc import (
     encode_subscribe,
 )
 from conntrail.netlink.wire import NLMSG_DONE, NLMSG_NOOP, NLMSGHDR, pack_message, split_messages
-from conntrail.recording import parse_lines
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "cnproc"
+DATA = DATA_ROOT / "cnproc"
+recording = functools.partial(datagrams, DATA)  # a recording's datagrams, by name
 HEADER = NLMSGHDR.size  # 16
 EVENT = HEADER + CN_MSG.size  # the proc_event of a one-message datagram starts at 36
 UNION = EVENT + PROC_EVENT_HEADER.size  # and its union at 52
@@ -47,16 +48,6 @@ RECORDINGS = sorted(path.stem for path in DATA.glob("*.hex"))
 R = 32722  # the recorder
 
 
-def recording(name: str) -> list[bytes]:
-    """The datagrams of a tests/data/cnproc recording, in order."""
-    with (DATA / f"{name}.hex").open(encoding="ascii") as handle:
-        return [item.data for item in parse_lines(handle)]
-
-
-def ci(max_examples: int) -> settings:
-    """Bounded examples, no deadline (busy machines)."""
-    return settings(max_examples=max_examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def fork(seq: int, ts: int, child: int, tgid: int | None = None) -> ForkEvent:

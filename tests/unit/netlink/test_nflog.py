@@ -9,16 +9,17 @@ packet with its `packet_tuple`. After a deliberate decoder change rewrite the go
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tests.unit.netlink.builders import be16, be32, nest, tuple_attr
+from tests.unit.netlink.recorded import DATA_ROOT, ci, datagrams
 
 from conntrail.errors import DecodeError
 from conntrail.model import AF_INET, AF_INET6, Flow, FlowTuple
@@ -54,23 +55,13 @@ from conntrail.netlink.wire import (
     pack_message,
     split_messages,
 )
-from conntrail.recording import parse_lines
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "nflog"
+DATA = DATA_ROOT / "nflog"
+recording = functools.partial(datagrams, DATA)  # a recording's datagrams, by name
 PACKET_CASES = sorted(path.stem for path in DATA.glob("*.hex") if path.stem != "config_answers")
 ATTRS = NLMSGHDR.size + NFGENMSG.size  # first attribute of a one-message datagram: 20
 
 
-def recording(name: str) -> list[bytes]:
-    """The datagrams of a tests/data/nflog recording, in order."""
-    with (DATA / f"{name}.hex").open(encoding="ascii") as handle:
-        return [item.data for item in parse_lines(handle)]
-
-
-def ci(max_examples: int) -> settings:
-    """Bounded examples, no deadline (busy machines)."""
-    return settings(max_examples=max_examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def as_json(packet: NflogPacket) -> str:

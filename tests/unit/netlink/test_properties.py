@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tests.unit.netlink.builders import ct_message, nest, tuple_members
 from tests.unit.netlink.corpus import all_datagrams, all_messages
+from tests.unit.netlink.recorded import ci
 
 from conntrail.errors import DecodeError
 from conntrail.model import AF_INET, AF_INET6, FlowEvent, FlowTuple
@@ -27,13 +28,6 @@ from conntrail.netlink.conntrack import (
     encode_dump_request,
 )
 from conntrail.netlink.wire import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, pack_attr, split_messages
-
-
-def ci(max_examples: int) -> settings:
-    """Settings for a CI run: bounded examples, no per-example deadline (busy machines)."""
-    return settings(max_examples=max_examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
-
 
 U16 = st.integers(0, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)

@@ -8,12 +8,13 @@ kernel's layout so every offset is known exactly.
 from __future__ import annotations
 
 import errno
+import functools
 import struct
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from tests.unit.netlink.recorded import DATA_ROOT, ci, datagrams
 
 from conntrail.errors import DecodeError
 from conntrail.kernel.localview import broadcasts
@@ -43,24 +44,14 @@ from conntrail.netlink.wire import (
     pack_message,
     split_messages,
 )
-from conntrail.recording import parse_lines
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "rtnl"
+DATA = DATA_ROOT / "rtnl"
+recording = functools.partial(datagrams, DATA)  # a recording's datagrams, by name
 HEADER = NLMSGHDR.size  # 16
 ATTRS = HEADER + IFADDRMSG.size  # first attribute of a one-message datagram: 24
 AF_MCTP = 45
 
 
-def recording(name: str) -> list[bytes]:
-    """The datagrams of a tests/data/rtnl recording, in order."""
-    with (DATA / f"{name}.hex").open(encoding="ascii") as handle:
-        return [item.data for item in parse_lines(handle)]
-
-
-def ci(max_examples: int) -> settings:
-    """Bounded examples, no deadline (busy machines)."""
-    return settings(max_examples=max_examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def newaddr(attrs: bytes, family: int = AF_INET, prefixlen: int = 24, flags: int = 0x80,

@@ -9,12 +9,13 @@ sockets made in cgroup v2 /ctt-record (id 139).
 from __future__ import annotations
 
 import errno
+import functools
 import struct
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from tests.unit.netlink.recorded import DATA_ROOT, ci, datagrams
 
 from conntrail.errors import DecodeError
 from conntrail.model import AF_INET, AF_INET6
@@ -56,24 +57,14 @@ from conntrail.netlink.wire import (
     pack_message,
     split_messages,
 )
-from conntrail.recording import parse_lines
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "sockdiag"
+DATA = DATA_ROOT / "sockdiag"
+recording = functools.partial(datagrams, DATA)  # a recording's datagrams, by name
 HEADER = NLMSGHDR.size  # 16
 ATTRS = HEADER + INET_DIAG_MSG.size  # first attribute of a one-message datagram: 88
 RECORDINGS = sorted(path.stem for path in DATA.glob("*.hex"))
 
 
-def recording(name: str) -> list[bytes]:
-    """The datagrams of a tests/data/sockdiag recording, in order."""
-    with (DATA / f"{name}.hex").open(encoding="ascii") as handle:
-        return [item.data for item in parse_lines(handle)]
-
-
-def ci(max_examples: int) -> settings:
-    """Bounded examples, no deadline (busy machines)."""
-    return settings(max_examples=max_examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def diag_msg(family: int = AF_INET, state: int = TcpState.LISTEN, sport: int = 8080,
