@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from conntrail.errors import DecodeError, KernelError
+from conntrail.kernel import cgroups
 from conntrail.model import AF_INET, AF_INET6, ICMP_PROTOCOLS, FlowTuple
 
 log = logging.getLogger(__name__)
@@ -568,30 +569,9 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or …/unified on hybrid hosts)."""
     try:
         with open(mountinfo, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
+            return cgroups.parse_mountinfo(handle.read())
     except OSError:
         return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if sep and right.split()[:1] == ["cgroup2"] and len(fields) >= 5 and fields[3] == "/":
-            return _unescape_mount(fields[4])
-    return None
-
-
-def _unescape_mount(path: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    if "\\" not in path:
-        return path
-    out, i = [], 0
-    while i < len(path):
-        if path[i] == "\\" and i + 3 < len(path) and path[i + 1:i + 4].isdigit():
-            out.append(chr(int(path[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
 
 
 def probe(*, cache_dir: str | os.PathLike[str] | None = None) -> BpfSupport:
