@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -24,6 +22,7 @@ from typing import Generic, TypeVar
 from conntrail.errors import KernelError
 from conntrail.kernel import sysctl
 from conntrail.kernel.netns import NetnsRef, entered, resolve
+from conntrail.kernel.socket import netlink_dump, open_netlink, where
 from conntrail.model import AF_INET, AF_INET6
 from conntrail.netlink.rtnl import IfAddress, IfaFlag, decode_addr_dump, encode_getaddr_request
 from conntrail.netlink.sockdiag import (
@@ -42,8 +41,6 @@ NETLINK_SOCK_DIAG = 4
 PORT_RANGE = "net/ipv4/ip_local_port_range"
 LIMITED_BROADCAST = "255.255.255.255"
 
-_RECV_SIZE = 1 << 16  # a dump skb is at most 32 KiB; MSG_TRUNC is checked anyway
-_TIMEOUT = 5.0  # seconds; a dump is answered at once, this only stops a hang
 _LISTEN = states_mask(TcpState.LISTEN)
 _UNCONNECTED = states_mask(TcpState.CLOSE)  # UDP: CLOSE until connect(), ESTABLISHED after
 # Destinations always delivered locally, by the first five characters of their text: IPv4
@@ -57,7 +54,6 @@ _LOCAL_PREFIXES = frozenset(
 
 # Already inside the namespace: a second setns round trip would cost as much as the rest.
 _CURRENT = NetnsRef("", None)
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,20 +84,22 @@ def read_local_view(netns: NetnsRef) -> LocalView:
     """Read `netns`'s local view; KernelError when the namespace is gone or netlink fails."""
     with ExitStack() as stack:
         with entered(netns):  # one round trip: the sockets stay bound to netns afterwards
-            route = stack.enter_context(_open(NETLINK_ROUTE, "NETLINK_ROUTE", netns))
-            diag = stack.enter_context(_open(NETLINK_SOCK_DIAG, "NETLINK_SOCK_DIAG", netns))
+            route = stack.enter_context(open_netlink(NETLINK_ROUTE, "NETLINK_ROUTE", netns))
+            diag = stack.enter_context(open_netlink(NETLINK_SOCK_DIAG, "NETLINK_SOCK_DIAG",
+                                                    netns))
             port_range = _port_range(netns)
-        addresses = _dump(route, encode_getaddr_request(1), decode_addr_dump, "address dump",
-                          netns)
+        addresses = netlink_dump(route, encode_getaddr_request(1), decode_addr_dump,
+                                 "address dump", netns)
         tcp: set[int] = set()
         udp: set[int] = set()
         for seq, family in enumerate((AF_INET, AF_INET6), start=1):
             request = encode_diag_request(family, IPPROTO_TCP, _LISTEN, seq)
-            tcp.update(s.sport for s in _dump(diag, request, decode_diag_dump,
-                                              "TCP listener dump", netns))
+            tcp.update(s.sport for s in netlink_dump(diag, request, decode_diag_dump,
+                                                     "TCP listener dump", netns))
             request = encode_diag_request(family, IPPROTO_UDP, _UNCONNECTED, seq)
-            udp.update(s.sport for s in _dump(diag, request, decode_diag_dump, "UDP socket dump",
-                                              netns) if s.dport == 0)
+            udp.update(s.sport for s in netlink_dump(diag, request, decode_diag_dump,
+                                                     "UDP socket dump", netns)
+                       if s.dport == 0)
     return LocalView(frozenset(a.address for a in addresses), broadcasts(addresses), port_range,
                      frozenset(tcp), frozenset(udp))
 
@@ -124,57 +122,13 @@ def broadcasts(addresses: Iterable[IfAddress]) -> frozenset[str]:
     return frozenset(out)
 
 
-def _where(netns: NetnsRef) -> str:
-    return f" in network namespace {netns.name!r}" if netns.name else ""
-
-
-def _open(protocol: int, name: str, netns: NetnsRef) -> socket.socket:
-    """A netlink socket of `protocol` in the calling thread's current namespace."""
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             protocol)
-    except OSError as exc:
-        raise KernelError(f"{name} socket{_where(netns)}: {exc.strerror}") from exc
-    try:
-        sock.bind((0, 0))
-        sock.settimeout(_TIMEOUT)
-    except OSError as exc:
-        sock.close()
-        raise KernelError(f"{name} socket{_where(netns)}: {exc.strerror}") from exc
-    return sock
-
-
-def _dump(sock: socket.socket, request: bytes,
-          decode: Callable[[bytes], tuple[list[_T], bool, int]], what: str,
-          netns: NetnsRef) -> list[_T]:
-    """Send one dump request and collect every record of its reply, up to NLMSG_DONE."""
-    out: list[_T] = []
-    try:
-        sock.sendto(request, (0, 0))
-        while True:
-            data, _, flags, _ = sock.recvmsg(_RECV_SIZE)
-            if flags & socket.MSG_TRUNC:
-                raise KernelError(f"{what}{_where(netns)}: reply datagram larger than "
-                                  f"{_RECV_SIZE} bytes")
-            records, done, errno = decode(data)
-            if errno:
-                raise KernelError(f"{what}{_where(netns)}: {os.strerror(errno)}")
-            out.extend(records)
-            if done:
-                return out
-    except TimeoutError as exc:
-        raise KernelError(f"{what}{_where(netns)}: no reply in {_TIMEOUT:g} s") from exc
-    except OSError as exc:
-        raise KernelError(f"{what}{_where(netns)}: {exc.strerror}") from exc
-
-
 def _port_range(netns: NetnsRef) -> tuple[int, int]:
     """ip_local_port_range of the namespace the calling thread is in (inside `entered`)."""
     text = sysctl.read(PORT_RANGE, _CURRENT)  # /proc/sys/net follows the thread's netns
     try:
         low, high = (int(part) for part in text.split())
     except ValueError as exc:
-        raise KernelError(f"sysctl {PORT_RANGE}{_where(netns)}: unexpected value "
+        raise KernelError(f"sysctl {PORT_RANGE}{where(netns)}: unexpected value "
                           f"{text!r}") from exc
     return low, high
 

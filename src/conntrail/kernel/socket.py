@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from conntrail.errors import KernelError
 from conntrail.kernel.netns import NetnsRef, entered
@@ -157,3 +160,54 @@ def kernel_drops(sock: NetlinkSocket) -> int | None:
             return int(cols[8])
     return None
 
+
+# Request/answer exchanges (dumps) on netlink sockets other than the event socket above.
+DUMP_RECV_SIZE = 1 << 16  # a dump skb is at most 32 KiB; MSG_TRUNC is checked anyway
+DUMP_TIMEOUT = 5.0  # seconds; a dump is answered at once, this only stops a hang
+_T = TypeVar("_T")
+
+
+def where(netns: NetnsRef) -> str:
+    """For error messages: " in network namespace 'x'", or nothing for the current one."""
+    return f" in network namespace {netns.name!r}" if netns.name else ""
+
+
+def open_netlink(protocol: int, name: str, netns: NetnsRef) -> socket.socket:
+    """A bound netlink socket of `protocol` with the dump timeout, in the calling thread's
+    current namespace (call inside `entered(netns)`; `netns` only names it in errors)."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             protocol)
+    except OSError as exc:
+        raise KernelError(f"{name} socket{where(netns)}: {exc.strerror}") from exc
+    try:
+        sock.bind((0, 0))
+        sock.settimeout(DUMP_TIMEOUT)
+    except OSError as exc:
+        sock.close()
+        raise KernelError(f"{name} socket{where(netns)}: {exc.strerror}") from exc
+    return sock
+
+
+def netlink_dump(sock: socket.socket, request: bytes,
+                 decode: Callable[[bytes], tuple[list[_T], bool, int]], what: str,
+                 netns: NetnsRef) -> list[_T]:
+    """Send one dump request and collect every record of its reply, up to NLMSG_DONE."""
+    out: list[_T] = []
+    try:
+        sock.sendto(request, (0, 0))
+        while True:
+            data, _, flags, _ = sock.recvmsg(DUMP_RECV_SIZE)
+            if flags & socket.MSG_TRUNC:
+                raise KernelError(f"{what}{where(netns)}: reply datagram larger than "
+                                  f"{DUMP_RECV_SIZE} bytes")
+            records, done, errno = decode(data)
+            if errno:
+                raise KernelError(f"{what}{where(netns)}: {os.strerror(errno)}")
+            out.extend(records)
+            if done:
+                return out
+    except TimeoutError as exc:
+        raise KernelError(f"{what}{where(netns)}: no reply in {DUMP_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise KernelError(f"{what}{where(netns)}: {exc.strerror}") from exc

@@ -24,8 +24,9 @@ import socket
 from typing import NamedTuple
 
 from conntrail.errors import DecodeError, KernelError
-from conntrail.kernel.localview import NETLINK_SOCK_DIAG, _dump, _open
+from conntrail.kernel.localview import NETLINK_SOCK_DIAG
 from conntrail.kernel.netns import NetnsRef, entered
+from conntrail.kernel.socket import netlink_dump, open_netlink
 from conntrail.model import AF_INET, AF_INET6
 from conntrail.netlink.sockdiag import (
     ALL_STATES,
@@ -106,7 +107,7 @@ class SocketLookup:
         sock = self._socks.get(netns)
         if sock is None:
             with entered(netns):
-                sock = _open(NETLINK_SOCK_DIAG, "NETLINK_SOCK_DIAG", netns)
+                sock = open_netlink(NETLINK_SOCK_DIAG, "NETLINK_SOCK_DIAG", netns)
             self._socks[netns] = sock
         return sock
 
@@ -159,7 +160,7 @@ class SocketLookup:
             self.requests += 1
             request = encode_port_dump_request(fam, proto, ALL_STATES, sport,
                                                next(self._seq) & 0xFFFFFFFF)
-            for detail in _dump(sock, request, decode_diag_details, "UDP port dump", netns):
+            for detail in netlink_dump(sock, request, decode_diag_details, "UDP port dump", netns):
                 rank = _rank(detail.socket, src, dst, dport)
                 if rank is not None and (best is None or rank < best[0]):
                     best = (rank, detail)
