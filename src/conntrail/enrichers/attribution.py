@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conntrail.errors import ConfigError
+from conntrail.inventory.aggregate import classify
+from conntrail.inventory.model import Direction
 from conntrail.kernel import cgroups
 from conntrail.kernel.cgroups import CgroupMap
 from conntrail.kernel.localview import LocalityCache, LocalView
@@ -42,6 +44,7 @@ from conntrail.netlink.nftables import decode_label, is_kernel_label
 log = logging.getLogger(__name__)
 
 FORWARDED = Attribution("forwarded", Confidence.NONE)
+_OPENED_HERE = (Direction.OUTBOUND, Direction.LOCAL)  # the flow's original source is ours
 KERNEL = Attribution("kernel", Confidence.EXACT)
 UNKNOWN = Attribution("none", Confidence.NONE)
 _UNIT_CACHE_MAX = 65536
@@ -223,8 +226,7 @@ class Attributor:
         orig, reply = flow.orig, flow.reply
         # The destination after DNAT decides: a port forward to an inside host is forwarded.
         destination = orig.dst if reply is None else reply.src
-        if view is not None and orig.src not in view.addresses and \
-                not view.is_local_destination(destination):
+        if view is not None and classify(view, orig.src, destination) is Direction.FORWARDED:
             return event._replace(who=FORWARDED)
         if event.kind is EventKind.NEW and event.netns in self._nflog:
             ids = self._nflog_ids(event)
@@ -430,7 +432,7 @@ class Attributor:
         hold the program it replaced (measured: 2 in 1000 curl flows)."""
         if pid is None:
             return who._replace(method="+".join(methods))
-        info = describe(pid) or self._describe(pid)
+        info = describe(pid) or self._from_table(pid)
         if info is not None:
             methods.append("proc")
         return who._replace(
@@ -443,12 +445,14 @@ class Attributor:
             gid=who.gid if who.gid is not None or info is None else info.gid)
 
     def _describe(self, pid: int) -> ProcessInfo | None:
-        if self.processes is not None:
-            with self._proc_lock:  # the background thread updates the table
-                info = self.processes.lookup(pid)
-            if info is not None:
-                return info
-        return describe(pid)
+        """The process table's entry (it outlives the process), else /proc."""
+        return self._from_table(pid) or describe(pid)
+
+    def _from_table(self, pid: int) -> ProcessInfo | None:
+        if self.processes is None:
+            return None
+        with self._proc_lock:  # the background thread updates the table
+            return self.processes.lookup(pid)
 
     def _lookup(self, event: FlowEvent) -> SocketOwner | None:
         """The flow's socket: its local end is the original source for a flow this host
@@ -461,8 +465,7 @@ class Attributor:
         if netns is None or orig.sport is None or orig.dport is None:
             return None
         view = self.locality(event.netns)
-        outbound = view is None or orig.src in view.addresses or orig.src.startswith("127.")
-        if outbound:
+        if view is None or classify(view, orig.src, orig.dst) in _OPENED_HERE:
             local, lport, peer, pport = orig.src, orig.sport, orig.dst, orig.dport
         elif reply is not None and reply.sport is not None and reply.dport is not None:
             local, lport, peer, pport = reply.src, reply.sport, reply.dst, reply.dport
