@@ -10,8 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.netenv import NatTopology, start_watch
-from tests.integration.test_attrlabels import CLIENT, Cgroups, cgroups, run_client, topo
+from tests.integration.netenv import NatTopology, Netns, start_watch
+from tests.integration.test_attrlabels import (
+    CLIENT,
+    Cgroups,
+    cgroups,
+    client_output,
+    run_client,
+    topo,
+)
 from tests.integration.traffic import TCP_SERVER
 
 __all__ = ["cgroups", "topo"]  # fixtures, imported for pytest
@@ -40,20 +47,9 @@ print(os.getpid(), sock.getsockname()[1], flush=True)
 """
 
 
-def run_traced(topo_ns: Any, cgroup: Path, uid: int, gid: int, *args: str) -> tuple[int, int]:
-    """run_client for the clients above: (pid, source port). The pid is the interpreter's:
-    setpriv and the shell exec into it."""
-    import subprocess
-
-    from tests.integration.test_attrlabels import CLIENT_PYTHON
-
-    command = ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh",
-               str(cgroup), "nsenter", f"--net=/run/netns/{topo_ns.name}", "setpriv",
-               f"--reuid={uid}", f"--regid={gid}", "--clear-groups", CLIENT_PYTHON, "-I",
-               "-c", *args]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0, proc.stderr
-    pid, port = proc.stdout.split()[-2:]
+def run_traced(ns: Netns, cgroup: Path, uid: int, gid: int, *args: str) -> tuple[int, int]:
+    """run_client for the clients above: (pid, source port)."""
+    pid, port = client_output(ns, cgroup, uid, gid, *args)[-2:]
     return int(pid), int(port)
 
 

@@ -118,14 +118,21 @@ def topo(nat_topology: NatTopology) -> NatTopology:
     return nat_topology
 
 
-def run_client(ns: Netns, cgroup: Path, uid: int, gid: int, *args: str) -> int:
-    """A process born in `cgroup`, running as uid:gid in `ns`; returns its source port."""
+def client_output(ns: Netns, cgroup: Path, uid: int, gid: int, *args: str) -> list[str]:
+    """Run `python3 -I -c ARGS` born in `cgroup`, as uid:gid, in `ns`; its output's words.
+    The shell, nsenter and setpriv all exec: the client keeps the shell's pid."""
     command = ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh",
-               str(cgroup), "ip", "netns", "exec", ns.name, "setpriv", f"--reuid={uid}",
-               f"--regid={gid}", "--clear-groups", CLIENT_PYTHON, "-I", "-c", *args]
+               str(cgroup), "nsenter", f"--net=/run/netns/{ns.name}", "setpriv",
+               f"--reuid={uid}", f"--regid={gid}", "--clear-groups", CLIENT_PYTHON, "-I",
+               "-c", *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split()[-1])
+    return proc.stdout.split()
+
+
+def run_client(ns: Netns, cgroup: Path, uid: int, gid: int, *args: str) -> int:
+    """A process born in `cgroup`, running as uid:gid in `ns`; returns its source port."""
+    return int(client_output(ns, cgroup, uid, gid, *args)[-1])
 
 
 def collect(listener: conntrail.Listener, wanted: Callable[[FlowEvent], bool], count: int,
