@@ -176,8 +176,9 @@ class Watch:
 
 
 def start_watch(*args: str, ready_timeout: float = 15.0,
-                env: dict[str, str] | None = None) -> Watch:
-    """Start `python -m conntrail -v watch ARGS` and wait until it listens."""
+                env: dict[str, str] | None = None, listeners: int = 1) -> Watch:
+    """Start `python -m conntrail -v watch ARGS` and wait until it listens (in `listeners`
+    namespaces: each is prepared in turn, so the first may listen before the last)."""
     env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "conntrail", "-v", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -190,7 +191,9 @@ def start_watch(*args: str, ready_timeout: float = 15.0,
             break
         seen.append(line)
         if "listening for" in line:
-            return Watch(proc, stderr="".join(seen))
+            listeners -= 1
+            if listeners == 0:
+                return Watch(proc, stderr="".join(seen))
     proc.kill()
     out, err = proc.communicate()
     raise AssertionError(f"watch did not start: {''.join(seen)}{err}{out}")

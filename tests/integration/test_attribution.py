@@ -69,7 +69,7 @@ def test_watch_attributes_uid_gid_cgroup_and_pid(topo: NatTopology, cgroups: Cgr
     oneshot = cgroups.make("batch.scope")
     # Without eBPF: the sock_diag layer names the process that still holds its socket.
     watch = start_watch("watch", "--json", "-e", "new", "--ebpf", "off",
-                        "-n", topo.client.name, "-n", topo.router.name)
+                        "-n", topo.client.name, "-n", topo.router.name, listeners=2)
     try:
         with topo.server.spawn_python(TCP_SERVER, "::", "7300", "2", "10"):
             long_pid, long_port = run_traced(topo.client, service, 4242, 4343,

@@ -91,7 +91,7 @@ def test_text_line_shows_reply_tuple_under_nat(nat_topology: NatTopology) -> Non
 def test_several_namespaces_at_once(netns_factory: NetnsFactory) -> None:
     first, second = netns_factory.new("a"), netns_factory.new("b")
     watch = start_watch("watch", "--json", "-e", "new", "--netns", first.name,
-                        "--netns", f"/run/netns/{second.name}")
+                        "--netns", f"/run/netns/{second.name}", listeners=2)
     try:
         udp_exchange(first, "127.0.0.1", 5401)
         udp_exchange(second, "127.0.0.1", 5402)
