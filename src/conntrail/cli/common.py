@@ -14,26 +14,9 @@ from typing import Any
 from conntrail.errors import ConfigError
 from conntrail.kernel.socket import BufferPolicy
 from conntrail.model import PROTO_NUMBERS
+from conntrail.units import MAX_BUFFER, parse_size
 
-MAX_BUFFER = 1 << 30  # the kernel caps socket buffers at INT_MAX / 2
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str, option: str, maximum: int = MAX_BUFFER) -> int:
-    """'8M', '512k', '20G', '1048576' → bytes (at most `maximum`)."""
-    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
-    try:
-        value = int(raw[: len(raw) - len(unit)]) * _SIZE_UNITS[unit]
-    except ValueError:
-        raise ConfigError(option, f"not a size: {text!r} (e.g. 8M, 512k)") from None
-    if value <= 0:
-        raise ConfigError(option, f"size must be positive: {text!r}")
-    if value > maximum:
-        ceiling = "1G (the kernel's ceiling)" if maximum == MAX_BUFFER else f"{maximum} bytes"
-        raise ConfigError(option, f"at most {ceiling}: {text!r}")
-    return value
-
+__all__ = ["MAX_BUFFER", "parse_size"]
 
 def add_kernel_options(parser: argparse.ArgumentParser) -> None:
     """--netns, buffer sizing, and what we may change in the kernel."""

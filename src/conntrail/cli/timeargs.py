@@ -8,11 +8,11 @@ import re
 import time
 
 from conntrail.errors import ConfigError
+from conntrail.units import MAX_NS, parse_duration
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+__all__ = ["MAX_NS", "parse_duration", "parse_endpoint", "parse_time"]
+
 _EPOCH = re.compile(r"^\d{9,11}(\.\d{1,9})?$")
-MAX_NS = 1 << 62  # year 2116: beyond it, nanoseconds leave the stores' 64-bit integers
 
 
 def parse_time(text: str, option: str) -> int:
@@ -40,17 +40,6 @@ def _parse_time(value: str, text: str, option: str) -> int:
                           "such as +01:00")
     delta = parsed - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-
-
-def parse_duration(text: str, option: str) -> int:
-    """'30s', '5m', '2h', '7d', '1w', '250ms' or plain seconds, to nanoseconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(option, f"not a duration: {text!r} (e.g. 30s, 5m, 2h, 7d)")
-    ns = int(float(match.group(1)) * _UNITS_S[match.group(2)] * 1e9)
-    if ns >= MAX_NS:
-        raise ConfigError(option, f"duration {text!r} is too long")
-    return ns
 
 
 def parse_endpoint(text: str, option: str = "ADDRESS") -> tuple[str, int | None]:

@@ -28,6 +28,7 @@ SOURCES: dict[str, StageEntry] = {
 FORMATS: dict[str, StageEntry] = {
     "text": StageEntry("conntrail.formats.text:TextFormat"),
     "json": StageEntry("conntrail.formats.jsonl:JsonFormat"),
+    "ulogd": StageEntry("conntrail.formats.ulogd:UlogdFormat"),
 }
 SINKS: dict[str, StageEntry] = {
     "stream": StageEntry("conntrail.sinks.stream:StreamSink"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from conntrail.model import FlowEvent, Record
@@ -60,3 +62,24 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Flush and release (idempotent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What a sink built from configuration may know about where it runs.
+
+    Sinks are built by `from_config(table, context)` functions registered in
+    `pipeline.registry.SINKS`; besides the protocol above a sink may offer:
+    - `check() -> str`: a health check for `conntrail check` (raise ConntrailError/OSError
+      naming the problem; return a one-line description of what was checked);
+    - `reopen() -> None`: reopen its destination (SIGHUP, for an external logrotate); called
+      on the sink's worker thread, between writes;
+    - `stats() -> dict[str, int]`: monotonic counters of its own (rotations, reconnects…);
+    - `to_spool(payload) -> bytes` / `from_spool(bytes) -> payload`: how an encoded batch is
+      kept on disk by the `spill` full-queue policy (default: payloads are bytes already).
+    """
+
+    name: str  # the sink's name in the configuration
+    state_dir: Path = Path("/var/lib/conntrail")
+    log_dir: Path = Path("/var/log/conntrail")
+    netns: tuple[str, ...] = ("",)  # the pipeline's namespaces ("" = the daemon's own)
