@@ -35,6 +35,10 @@ class Table:
         """A ConfigError naming `key`'s full path."""
         return ConfigError(self.key_path(key), reason)
 
+    def skip(self, *keys: str) -> None:
+        """Mark keys as read by someone else (e.g. the daemon's own keys in a sink's table)."""
+        self._taken.update(keys)
+
     def has(self, key: str) -> bool:
         """Whether the key is present (without taking it)."""
         return key in self.data
@@ -86,7 +90,7 @@ class Table:
     def size(self, key: str, default: Any = _MISSING, maximum: int = 1 << 50) -> Any:
         """Bytes, written as "100M", "512k" or an integer; None stays None."""
         value = self._take(key, (str, int), default, 'a size such as "100M"')
-        if value is None or value is default:
+        if value is None:
             return value
         if isinstance(value, int):
             value = str(value)
@@ -95,7 +99,7 @@ class Table:
     def duration(self, key: str, default: Any = _MISSING) -> Any:
         """Seconds (float), written as "30s", "5m", "1d" or a number of seconds."""
         value = self._take(key, (str, int, float), default, 'a duration such as "30s"')
-        if value is None or value is default:
+        if value is None:
             return value
         if isinstance(value, int | float):
             if value < 0:

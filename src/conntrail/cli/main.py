@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from conntrail import __version__
-from conntrail.cli import decode, inventory, query, record, watch, who
+from conntrail.cli import decode, inventory, query, record, run, watch, who
 from conntrail.cli.common import silence_stdout
 from conntrail.errors import ConntrailError
 
-SUBCOMMANDS = (watch, who, query, inventory, record, decode)
+SUBCOMMANDS = (watch, run, who, query, inventory, record, decode)
 
 
 def build_parser() -> argparse.ArgumentParser:

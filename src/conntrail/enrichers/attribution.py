@@ -95,7 +95,13 @@ class Attributor:
     _nflog: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # netns: (source, ids)
 
     def start(self) -> None:
-        """Open what the layers need; a layer that cannot start is logged and skipped."""
+        """Open what the layers need, then start the background reader."""
+        self.open()
+        self.start_reader()
+
+    def open(self) -> None:
+        """Open what the layers need (privileged: sockets, eBPF); a layer that cannot
+        start is logged and skipped. Starts no thread (privileges may be dropped next)."""
         try:
             self.cgroup_map = CgroupMap()
         except Exception as exc:  # noqa: BLE001 - attribution degrades, never stops us
@@ -109,7 +115,10 @@ class Attributor:
         # lookup no pid is ever found to describe.
         if self.options.process_table and self.bpf is None and self.sockets is not None:
             self._start_process_table()
-        if self.processes is not None or self.bpf is not None:
+
+    def start_reader(self) -> None:
+        """Drain the proc connector and the eBPF ring in a thread of their own."""
+        if (self.processes is not None or self.bpf is not None) and self._reader is None:
             self._reader = threading.Thread(target=self._background, name="attribution",
                                             daemon=True)
             self._reader.start()

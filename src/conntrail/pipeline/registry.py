@@ -31,7 +31,12 @@ FORMATS: dict[str, StageEntry] = {
     "ulogd": StageEntry("conntrail.formats.ulogd:UlogdFormat"),
 }
 SINKS: dict[str, StageEntry] = {
-    "stream": StageEntry("conntrail.sinks.stream:StreamSink"),
+    # name → from_config(table, SinkContext) -> Sink
+    "stdout": StageEntry("conntrail.sinks.stream:stdout_from_config"),
+    "file": StageEntry("conntrail.sinks.file:from_config"),
+    "syslog": StageEntry("conntrail.sinks.syslog:from_config"),
+    "sqlite": StageEntry("conntrail.sinks.history:sqlite_from_config"),
+    "postgresql": StageEntry("conntrail.sinks.history:postgresql_from_config", "postgres"),
 }
 KINDS: dict[str, dict[str, StageEntry]] = {"source": SOURCES, "format": FORMATS, "sink": SINKS}
 

@@ -62,6 +62,7 @@ class Pipeline:
     # spread over ~50 events at 10k/s instead of ~10. After a full batch, read at once.
     idle_sleep: float = 0.005
     full_batch: int = 256
+    loop_at: float = field(default_factory=time.monotonic)  # last turn of run()'s loop
     _next_route: tuple[list[Filter], list[QueuedSink], Callable[[list[QueuedSink]], None]] \
         | None = None
 
@@ -158,6 +159,7 @@ class Pipeline:
         next_beat = time.monotonic() + HEARTBEAT_S
         while not stop.is_set() and not self._all_sinks_failed():
             readable, _, _ = select.select(list(fds), [], [], 0.2)
+            self.loop_at = time.monotonic()
             self._take_route()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + HEARTBEAT_S

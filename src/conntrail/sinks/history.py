@@ -7,16 +7,19 @@ in event order; the store write runs on the sink's worker thread, one transactio
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
+from conntrail.config import Table
 from conntrail.errors import ConfigError
 from conntrail.history.rows import HistoryBatch, Lifecycle
 from conntrail.history.store import HistoryStore, open_store
 from conntrail.model import Record
+from conntrail.pipeline.stages import SinkContext
 
 log = logging.getLogger(__name__)
 RETRY_MAX_ROWS = 1_000_000  # failed row changes kept for the next write, at most
@@ -36,11 +39,17 @@ class HistorySink:
     """Writes flow rows, coverage and loss gaps to a history store."""
 
     def __init__(self, url: str | None, netns: Sequence[str], option: str = "--store",
-                 store: HistoryStore | None = None, writer: BatchWriter | None = None) -> None:
+                 store: HistoryStore | None = None, writer: BatchWriter | None = None, *,
+                 store_factory: Callable[[], HistoryStore] | None = None,
+                 writer_factory: Callable[[HistoryStore], BatchWriter] | None = None) -> None:
         self._url = url
         self._option = option
         self._store = store
         self._writer: BatchWriter | None = writer
+        # Built from configuration: nothing is opened until open() (check and build stay
+        # free of I/O).
+        self._store_factory = store_factory
+        self._writer_factory = writer_factory
         # A writer of its own (the PostgreSQL spool) keeps failed batches itself; keeping
         # them here too would apply them twice.
         self._keep_failed = writer is None
@@ -53,9 +62,12 @@ class HistorySink:
         """Open (creating) the store, and reload the flows an earlier run left open: the
         first table dump then closes those that ended while nobody was recording."""
         if self._store is None:
-            self._store = open_store(self._url, self._option, create=True)
+            self._store = (self._store_factory() if self._store_factory is not None
+                           else open_store(self._url, self._option, create=True))
         if self._writer is None:
-            self._writer = self._store
+            self._writer = (self._writer_factory(self._store)
+                            if self._writer_factory is not None else self._store)
+            self._keep_failed = self._writer is self._store
         self.name = f"history[{self._store.url}]"
         flush = getattr(self._writer, "flush", None)
         if flush is not None and not flush():
@@ -69,6 +81,16 @@ class HistorySink:
             log.info("%s: %d flows were open at the last stop; reconciling with the table",
                      self.name, len(rows))
         self._writer.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
+
+    def check(self) -> str:
+        """`conntrail check`: the store opens (an SQLite file is created if missing, with
+        its schema; a database must accept the connection)."""
+        store = (self._store_factory() if self._store_factory is not None
+                 else open_store(self._url, self._option, create=True))
+        try:
+            return f"{store.url}: opened"
+        finally:
+            store.close()
 
     def encode(self, batch: Sequence[Record]) -> HistoryBatch:
         """The store operations this batch implies (pipeline thread, in order)."""
@@ -89,7 +111,8 @@ class HistorySink:
         next time (writes are idempotent and must stay in order: the lifecycle has moved on
         and will not send those rows again), up to RETRY_MAX_ROWS."""
         if self._failed is not None:
-            payload = self.merge([self._failed, payload])
+            if self._failed is not payload:  # the runner retrying this very batch: once
+                payload = self.merge([self._failed, payload])
             self._failed = None
         if not len(payload):
             return
@@ -106,6 +129,16 @@ class HistorySink:
                           "than %d pending)", self.name, len(payload), RETRY_MAX_ROWS)
             raise
 
+    def to_spool(self, payload: HistoryBatch) -> bytes:
+        """A batch as the `spill` policy keeps it on disk (the history spool's encoding)."""
+        data: bytes = _spool_codec().encode(payload)
+        return data
+
+    def from_spool(self, data: bytes) -> HistoryBatch:
+        """The inverse of `to_spool`."""
+        batch: HistoryBatch = _spool_codec().decode(data)
+        return batch
+
     def close(self) -> None:
         """Record how far coverage went, then close the store (open flows stay open)."""
         if self._store is None or self._writer is None:
@@ -119,3 +152,46 @@ class HistorySink:
             if self._writer is not self._store:
                 self._store.close()
             self._store = self._writer = None
+
+
+def sqlite_from_config(table: Table, context: SinkContext) -> HistorySink:
+    """`type = "sqlite"`: path (default STATE_DIR/history.sqlite), retention, max_size."""
+    path = table.text("path", str(context.state_dir / "history.sqlite"))
+    retention = table.duration("retention", None)
+    max_bytes = table.size("max_size", None)
+    table.done()
+    where = table.key_path("path")
+    return HistorySink(path, context.netns, option=where,
+                       store_factory=lambda: open_store(path, where, create=True,
+                                                        retention_s=retention,
+                                                        max_bytes=max_bytes))
+
+
+def postgresql_from_config(table: Table, context: SinkContext) -> HistorySink:
+    """`type = "postgresql"`: dsn (postgresql://…). While the database is away, batches
+    spool under STATE_DIR/spool/ and are replayed in order."""
+    from conntrail.history.store import is_postgres
+
+    dsn = table.text("dsn")
+    table.done()
+    where = table.key_path("dsn")
+    if not is_postgres(dsn):
+        raise table.error("dsn", "must be a postgresql:// URL")
+    spool = context.state_dir / "spool" / hashlib.sha256(dsn.encode()).hexdigest()[:16]
+
+    def spooling_writer(first: HistoryStore) -> BatchWriter:
+        from conntrail.history.pgwriter import SpoolingWriter
+
+        opened = [first]  # the store open() connected (it proved the database reachable)
+        return SpoolingWriter(lambda: opened.pop() if opened else
+                              open_store(dsn, where, create=True), spool)
+
+    return HistorySink(dsn, context.netns, option=where,
+                       store_factory=lambda: open_store(dsn, where, create=True),
+                       writer_factory=spooling_writer)
+
+
+def _spool_codec() -> Any:
+    from conntrail.history import spool
+
+    return spool

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from conntrail.config import Table
 from conntrail.model import Record
-from conntrail.pipeline.stages import Formatter
+from conntrail.pipeline.stages import Formatter, SinkContext
 
 
 class StreamSink:
@@ -35,3 +37,13 @@ class StreamSink:
         """Flush what is buffered; the stream itself belongs to the caller."""
         with contextlib.suppress(BrokenPipeError, ValueError):
             self._stream.flush()
+
+
+def stdout_from_config(table: Table, context: SinkContext) -> StreamSink:
+    """`type = "stdout"`: lines on standard output (the journal, under systemd); format keys
+    as for files, text by default."""
+    from conntrail.formats.choose import formatter_from
+
+    formatter = formatter_from(table, default="text")
+    table.done()
+    return StreamSink(context.name, sys.stdout.buffer, formatter)
