@@ -252,12 +252,15 @@ class Service:
     def shutdown(self) -> None:
         """Stop reading, drain every sink until the deadline, release the kernel."""
         self.stop_event.set()
-        for runtime in self.runtimes:
-            runtime.pipeline.request_stop()
         deadline = time.monotonic() + self.config.daemon.drain_timeout_s
         for runtime in self.runtimes:
+            # The runner's last read hands what the kernel queued to the sinks, waiting for
+            # room (block policy) until the deadline; past it, blocked hand-offs give up.
             if runtime.thread is not None:
                 runtime.thread.join(max(0.0, deadline - time.monotonic()))
+            runtime.pipeline.request_stop()
+            if runtime.thread is not None:
+                runtime.thread.join(1.0)
         for runtime in self.runtimes:
             try:
                 runtime.pipeline.shutdown(max(0.1, deadline - time.monotonic()))

@@ -1,23 +1,20 @@
 """An ordered on-disk spool of HistoryBatch: what a writer keeps while its store is away.
 
-A directory of append-only segment files. Each record is a length, a CRC32 and the batch as
-JSON (orjson), written with one write() and fsynced before append() returns. A crash can
-only tear the last record of the last segment: reading stops there, says so, and ignores it
-(its batch was never acknowledged). Each process appends to a segment of its own, so a new
-record never lands behind a torn one. Replay applies batches oldest first and deletes a
-segment once all of its batches applied; a crash in between re-applies some, which the
-stores' idempotent upserts make harmless.
+A directory of append-only segment files, framed by `conntrail.spoolfile`. Each record is a
+length, a CRC32 and the batch as JSON (orjson), written with one write() and fsynced before
+append() returns. A crash can only tear the last record of the last segment: reading stops
+there, says so, and ignores it (its batch was never acknowledged). Each process appends to a
+segment of its own, so a new record never lands behind a torn one. Replay applies batches
+oldest first and deletes a segment once all of its batches applied; a crash in between
+re-applies some, which the stores' idempotent upserts make harmless.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import struct
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,12 +22,22 @@ import orjson
 
 from conntrail.errors import ConfigError
 from conntrail.history.rows import CloseOp, Coverage, FlowRow, Gap, HistoryBatch
+from conntrail.spoolfile import (
+    MAGIC,
+    SUFFIX,
+    create_segment,
+    frame,
+    fsync_dir,
+    has_magic,
+    lock_directory,
+    read_segment,
+    set_aside,
+)
+
+__all__ = ["MAGIC", "SUFFIX", "Spool", "decode", "encode", "read_segment"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"CTSPOOL1"  # first bytes of every segment: format and version
-SUFFIX = ".seg"
-_HEADER = struct.Struct("<II")  # payload length, CRC32 of the payload
 _FORMAT = 1
 
 
@@ -55,48 +62,6 @@ def decode(payload: bytes) -> HistoryBatch:
                         gaps=[Gap(*values) for values in data["gaps"]])
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a file's creation or removal itself durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _has_magic(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(len(MAGIC)) == MAGIC
-
-
-def read_segment(path: Path, *, report: bool = True) -> Iterator[bytes]:
-    """The intact records of one segment, in order; stops (with a log line, if `report`) at
-    a torn or corrupt record, since nothing after it can be trusted to start where it
-    seems to."""
-    with path.open("rb") as handle:
-        if handle.read(len(MAGIC)) != MAGIC:
-            return  # empty (a crash as it was created) or not ours: replay sets it aside
-        size = path.stat().st_size
-        while True:
-            offset = handle.tell()
-            header = handle.read(_HEADER.size)
-            if not header:
-                return
-            payload = b""
-            if len(header) == _HEADER.size:
-                length, crc = _HEADER.unpack(header)
-                payload = handle.read(length)
-                if len(payload) == length and zlib.crc32(payload) == crc:
-                    yield payload
-                    continue
-            what = "torn record at its end (a crash during append)" \
-                if offset + _HEADER.size + len(payload) >= size else "corrupt record"
-            if report:
-                log.warning("spool %s: ignoring a %s at offset %d (%d bytes)", path, what,
-                            offset, size - offset)
-            return
-
-
 class Spool:
     """The spool in `directory`: append(), pending(), replay(). One process at a time."""
 
@@ -104,16 +69,12 @@ class Spool:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock = (self.directory / ".lock").open("a+b")
-        except OSError as exc:
-            raise ConfigError(str(self.directory), f"cannot use the spool: {exc}") from exc
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self._lock.close()
+            self._lock = lock_directory(self.directory)
+        except BlockingIOError as exc:
             raise ConfigError(str(self.directory), "the spool is in use by another "
                               "process") from exc
+        except OSError as exc:
+            raise ConfigError(str(self.directory), f"cannot use the spool: {exc}") from exc
         self._writer: BinaryIO | None = None
         # Per segment, how many of its batches were applied by a replay that then failed:
         # the next replay in this process skips them (after a restart they apply again).
@@ -131,9 +92,10 @@ class Spool:
     def append(self, batch: HistoryBatch) -> None:
         """Store a batch durably (fsynced) behind all the others."""
         payload = encode(batch)
-        writer = self._segment_for(_HEADER.size + len(payload))
+        record = frame(payload)
+        writer = self._segment_for(len(record))
         try:
-            writer.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+            writer.write(record)
             writer.flush()
             os.fsync(writer.fileno())
         except BaseException:
@@ -152,12 +114,7 @@ class Spool:
             existing = self.segments()
             number = int(existing[-1].stem) + 1 if existing else 1
             path = self.directory / f"{number:012d}{SUFFIX}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-            self._writer = os.fdopen(fd, "ab")
-            self._writer.write(MAGIC)
-            self._writer.flush()
-            os.fsync(fd)
-            _fsync_dir(self.directory)
+            self._writer = os.fdopen(create_segment(path), "ab")
         return self._writer
 
     def _seal(self) -> None:
@@ -173,8 +130,8 @@ class Spool:
         self._seal()
         done = 0
         for path in self.segments():
-            if not _has_magic(path):
-                self._set_aside(path)
+            if not has_magic(path):
+                set_aside(path)
                 continue
             skip = self._applied.get(path, 0)
             for index, payload in enumerate(read_segment(path, report=False)):
@@ -187,20 +144,10 @@ class Spool:
                 self._pending -= 1
                 done += 1
             path.unlink()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._applied.pop(path, None)
         self._pending = 0
         return done
-
-    def _set_aside(self, path: Path) -> None:
-        """An empty segment (crash right after creating it) goes; anything else that is not
-        a segment is renamed .bad for a human, never read again."""
-        if path.stat().st_size == 0:
-            path.unlink()
-        else:
-            log.error("spool %s: not a spool segment (bad header); renamed to .bad", path)
-            path.rename(path.with_suffix(".bad"))
-        _fsync_dir(self.directory)
 
     @staticmethod
     def _decode(path: Path, index: int, payload: bytes) -> HistoryBatch | None:

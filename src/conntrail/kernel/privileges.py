@@ -21,6 +21,8 @@ from conntrail.errors import ConfigError, KernelError
 _PR_SET_KEEPCAPS = 8
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_RAISE = 2
 _CAP_VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3 (linux/capability.h)
 _CAP_LAST = 40  # CAP_CHECKPOINT_RESTORE on 6.x; higher numbers are refused with EINVAL
 
@@ -80,11 +82,18 @@ def _prctl(option: int, value: int) -> None:
         raise KernelError(f"prctl({option}, {value}): {os.strerror(err)}")
 
 
+def _prctl4(option: int, arg2: int, arg3: int) -> None:
+    if _libc().prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"prctl({option}, {arg2}, {arg3}): {os.strerror(err)}")
+
+
 def _capset(caps: frozenset[Cap]) -> None:
     low = sum(1 << cap for cap in caps if cap < 32)
     high = sum(1 << (cap - 32) for cap in caps if cap >= 32)
     header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)(_CapData(low, low, 0), _CapData(high, high, 0))
+    # Inheritable too: the ambient set (below) may only hold inheritable capabilities.
+    data = (_CapData * 2)(_CapData(low, low, low), _CapData(high, high, high))
     if _libc().capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise KernelError(f"capset: {os.strerror(err)}")
@@ -103,6 +112,9 @@ def drop_to(identity: Identity, keep: frozenset[Cap]) -> None:
     os.setgid(identity.gid)
     os.setuid(identity.uid)  # permitted survive thanks to KEEPCAPS; effective are cleared
     _capset(keep)
+    for cap in keep:
+        # Ambient: the helpers we run (nft, to remove our tables at exit) keep them too.
+        _prctl4(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap)
     _prctl(_PR_SET_KEEPCAPS, 0)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary can give anything back
 

@@ -22,6 +22,7 @@ __all__ = ["FullPolicy", "Pipeline", "QueuedSink", "RetryPolicy", "RunCounters",
            "SinkCounters"]
 
 log = logging.getLogger(__name__)
+FINAL_READ_S = 5.0  # the last read at stop ends after this, even in a flood
 HEARTBEAT_S = 1.0  # idle sinks that ask for it get an empty batch this often
 
 
@@ -175,6 +176,20 @@ class Pipeline:
                 return
             if readable and not busy and self.idle_sleep:
                 time.sleep(self.idle_sleep)
+        if stop.is_set() and not self._all_sinks_failed():
+            self._final_read(max_events)
+
+    def _final_read(self, max_events: int | None) -> None:
+        """On stop, take what the kernel already queued for us (until the sockets are empty,
+        FINAL_READ_S at most): events that happened before the stop are kept."""
+        deadline = time.monotonic() + FINAL_READ_S
+        for source in self.sources:
+            while time.monotonic() < deadline:
+                records = source.read()
+                if not records:
+                    break
+                self._take_route()
+                self.deliver(self._limit(self.process(records), max_events))
 
     def _all_sinks_failed(self) -> bool:
         return bool(self.sinks) and all(sink.failed.is_set() for sink in self.sinks)
