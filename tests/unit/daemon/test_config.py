@@ -79,7 +79,7 @@ def test_daemon_keys_of_a_sink_are_not_the_sinks_business() -> None:
                                 'filter = "proto == tcp"\nevents = ["destroy"]'), "t")
     (item,) = build_all(config)["p"]
     assert item.queued.policy is FullPolicy.DROP_OLDEST and item.queued._retry is None
-    assert item.settings.events == {EventKind.DESTROY}
+    assert item.settings.events == frozenset({EventKind.DESTROY})
 
 
 def test_sink_filter_uses_the_sinks_or_the_pipelines_kinds() -> None:

@@ -37,6 +37,7 @@ def test_abstract_socket_and_foreign_watchdog() -> None:
         notifier = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "1000000",
                              "WATCHDOG_PID": "1"})
         notifier.status("hello")
+        notifier.close()
         assert server.recv(4096) == b"STATUS=hello"
     assert notifier.watchdog_s is None  # meant for another process
 
@@ -44,4 +45,5 @@ def test_abstract_socket_and_foreign_watchdog() -> None:
 def test_a_vanished_socket_is_counted_not_raised(tmp_path: Path) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
     notifier.stopping()
+    notifier.close()
     assert notifier.failures == 1
