@@ -12,11 +12,12 @@ from types import FrameType
 from typing import Any
 
 from conntrail.errors import ConfigError
+from conntrail.kernel.privileges import apply_priority
 from conntrail.kernel.socket import BufferPolicy
 from conntrail.model import PROTO_NUMBERS
 from conntrail.units import MAX_BUFFER, parse_size
 
-__all__ = ["MAX_BUFFER", "parse_size"]
+__all__ = ["MAX_BUFFER", "apply_priority", "parse_size"]
 
 def add_kernel_options(parser: argparse.ArgumentParser) -> None:
     """--netns, buffer sizing, and what we may change in the kernel."""
@@ -50,17 +51,6 @@ def silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-
-
-def apply_priority(nice: int | None, realtime: int | None) -> None:
-    """Raise our scheduling priority so a busy CPU does not starve the socket reader."""
-    try:
-        if realtime is not None:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
-        if nice is not None:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("--realtime/--nice", f"cannot set priority: {exc}") from exc
 
 
 def install_signals(stop: threading.Event,

@@ -64,6 +64,9 @@ class Daemon:
     def _start(self) -> None:
         config = self.service.config
         identity = _identity(config)
+        from conntrail.kernel.privileges import apply_priority
+
+        apply_priority(config.daemon.nice, config.daemon.realtime, "daemon.nice/realtime")
         self.notifier.open()
         self.service.open_kernel()
         if identity is not None:

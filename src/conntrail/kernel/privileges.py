@@ -101,6 +101,8 @@ def _capset(caps: frozenset[Cap]) -> None:
 
 def drop_to(identity: Identity, keep: frozenset[Cap]) -> None:
     """Become `identity` with only `keep` in the permitted, effective and bounding sets."""
+    if os.geteuid() == identity.uid:
+        return  # already that user (a systemd unit's User=): its ambient set applies
     if threading.active_count() != 1:
         # Capabilities are per thread: a thread started earlier would stay root.
         raise KernelError("privileges must be dropped before any thread starts")
@@ -143,3 +145,15 @@ def effective_caps(pid: int | str = "self") -> int:
         if line.startswith("CapEff:"):
             return int(line.split()[1], 16)
     return 0
+
+
+def apply_priority(nice: int | None, realtime: int | None,
+                   where: str = "--realtime/--nice") -> None:
+    """Raise our scheduling priority so a busy CPU does not starve the socket reader."""
+    try:
+        if realtime is not None:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
+        if nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(where, f"cannot set priority: {exc}") from exc

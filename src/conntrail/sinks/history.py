@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from conntrail.config import Table
@@ -41,7 +43,8 @@ class HistorySink:
     def __init__(self, url: str | None, netns: Sequence[str], option: str = "--store",
                  store: HistoryStore | None = None, writer: BatchWriter | None = None, *,
                  store_factory: Callable[[], HistoryStore] | None = None,
-                 writer_factory: Callable[[HistoryStore], BatchWriter] | None = None) -> None:
+                 writer_factory: Callable[[HistoryStore], BatchWriter] | None = None,
+                 check: Callable[[], str] | None = None) -> None:
         self._url = url
         self._option = option
         self._store = store
@@ -50,6 +53,7 @@ class HistorySink:
         # free of I/O).
         self._store_factory = store_factory
         self._writer_factory = writer_factory
+        self._check = check
         # A writer of its own (the PostgreSQL spool) keeps failed batches itself; keeping
         # them here too would apply them twice.
         self._keep_failed = writer is None
@@ -83,8 +87,10 @@ class HistorySink:
         self._writer.apply(HistoryBatch(coverage=self.lifecycle.coverage(time.time_ns())))
 
     def check(self) -> str:
-        """`conntrail check`: the store opens (an SQLite file is created if missing, with
-        its schema; a database must accept the connection)."""
+        """`conntrail check`: the store opens (a database must accept the connection);
+        SQLite has its own check, which creates nothing."""
+        if self._check is not None:
+            return self._check()
         store = (self._store_factory() if self._store_factory is not None
                  else open_store(self._url, self._option, create=True))
         try:
@@ -164,7 +170,22 @@ def sqlite_from_config(table: Table, context: SinkContext) -> HistorySink:
     return HistorySink(path, context.netns, option=where,
                        store_factory=lambda: open_store(path, where, create=True,
                                                         retention_s=retention,
-                                                        max_bytes=max_bytes))
+                                                        max_bytes=max_bytes),
+                       check=lambda: _check_sqlite(Path(path), where))
+
+
+def _check_sqlite(path: Path, where: str) -> str:
+    """An existing file must open as a store; a missing one needs a directory it can be
+    created in (nothing is created by the check)."""
+    if path.exists():
+        open_store(str(path), where, create=False).close()
+        return f"{path}: opened"
+    directory = path.parent
+    while not directory.exists():
+        directory = directory.parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(where, f"{path} cannot be created: {directory} is not writable")
+    return f"{path}: will be created (in {directory})"
 
 
 def postgresql_from_config(table: Table, context: SinkContext) -> HistorySink:
