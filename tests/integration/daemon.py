@@ -117,10 +117,13 @@ class DaemonProc:
 
 @contextlib.contextmanager
 def running_daemon(config: Path, env: dict[str, str] | None = None,
-                   ready: str = "running pipelines") -> Iterator[DaemonProc]:
-    """`python -m conntrail -v run -c CONFIG`, ready when it logs `ready`; always killed."""
+                   ready: str = "running pipelines",
+                   prefix: tuple[str, ...] = ()) -> Iterator[DaemonProc]:
+    """`python -m conntrail -v run -c CONFIG` (after `prefix`, e.g. setpriv), ready when it
+    logs `ready`; always killed."""
     full_env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "conntrail", "-v", "run", "-c", str(config)],
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "conntrail", "-v", "run", "-c",
+                             str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=full_env)
     daemon = DaemonProc(proc)

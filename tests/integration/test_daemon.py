@@ -311,3 +311,27 @@ def test_privileges_are_dropped(host: Netns, dirs: Path) -> None:
         assert daemon.stop() == 0
     assert (dirs / "log/flows.jsonl").stat().st_uid == 65534
     assert host.tables().strip() == ""  # removed with the kept capabilities
+
+
+UNIT_CAPS = "+net_admin,+sys_admin,+sys_ptrace,+dac_read_search,+bpf,+perfmon"
+
+
+def test_runs_as_the_units_user_with_only_ambient_capabilities(host: Netns, dirs: Path) -> None:
+    """As packaging/conntrail.service starts it: not root, the unit's ambient set only."""
+    for directory in (dirs / "state", dirs / "log"):
+        directory.mkdir(mode=0o750)
+        os.chown(directory, 65534, 65534)
+    config = write_config(dirs, host.name, OUTPUTS)
+    setpriv = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               f"--inh-caps={UNIT_CAPS}", f"--ambient-caps={UNIT_CAPS}",
+               f"--bounding-set=-all,{UNIT_CAPS}", "--no-new-privs")
+    with running_daemon(config, prefix=setpriv) as daemon:
+        assert _status_field(daemon.proc.pid, "Uid").split() == ["65534"] * 4
+        flows = udp_burst(host, 10, 9009)
+        host.run("conntrack", "-F")
+        wait_until(lambda: len(new_udp_ports(json_lines(dirs / "log/flows.jsonl"), 9009))
+                   == flows, what="flows recorded without root")
+        assert daemon.stop() == 0
+    assert host.tables().strip() == ""
+    with sqlite3.connect(dirs / "state/history.sqlite") as db:
+        assert recorded(db, 9009) == flows
