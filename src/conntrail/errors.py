@@ -48,3 +48,8 @@ class FilterError(ConfigError):
 
 class KernelError(ConntrailError):
     """A system call or kernel facility failed (namespace missing, no permission, …)."""
+
+
+class BatchSpooled(ConntrailError):  # noqa: N818 - a report, as EventsLost
+    """A batch could not be written now but is durable in an on-disk spool (replayed later,
+    in order): the caller must not retry it, or it would be spooled twice."""

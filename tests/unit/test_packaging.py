@@ -123,7 +123,7 @@ def test_nat_gateway_example_feeds_postgresql_ulogd_and_syslog() -> None:
     assert not pipeline.attribution.enabled
     assert _sinks(config) == {"history": "postgresql", "ulogd": "file", "siem": "syslog"}
     sinks = {sink.name: sink for sink in pipeline.sinks}
-    assert sinks["history"].when_full is FullPolicy.SPILL
+    assert sinks["history"].when_full is FullPolicy.BLOCK
     assert sinks["history"].data["dsn"] == "postgresql://conntrail@localhost/conntrail"
     assert sinks["ulogd"].data["format"] == "ulogd"
     assert sinks["siem"].data["transport"] == "tls"

@@ -89,6 +89,10 @@ def run_check(args: argparse.Namespace) -> int:
         return 0
     path = config_path(args)
     config = config_module.load(path)
+    if config.daemon.user is not None:
+        from conntrail.kernel.privileges import resolve
+
+        resolve(config.daemon.user, config.daemon.group)
     results = check_sinks(build_all(config))
     print(f"{config.origin}: configuration valid ({len(config.pipelines)} pipeline(s), "
           f"{len(results)} sink(s))")

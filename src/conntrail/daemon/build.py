@@ -6,7 +6,10 @@ starts. `conntrail check` builds everything this way, then runs each sink's heal
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 from conntrail.config import Table
 from conntrail.daemon.config import Config, PipelineSettings, SinkSettings
-from conntrail.errors import ConfigError
+from conntrail.errors import ConfigError, ConntrailError
 from conntrail.model import EventKind, FlowEvent
 from conntrail.pipeline import registry
 from conntrail.pipeline.queued import FullPolicy, QueuedSink, RetryPolicy
@@ -22,6 +25,7 @@ from conntrail.pipeline.stages import Filter, SinkContext
 
 # Keys every sink table may have, read by the daemon (config.py), not by the sink type.
 DAEMON_SINK_KEYS = ("type", "queue", "when_full", "spill_max", "retry", "filter", "events")
+log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -41,7 +45,23 @@ def build_sinks(config: Config, pipeline: PipelineSettings) -> list[BuiltSink]:
 
 def build_all(config: Config) -> dict[str, list[BuiltSink]]:
     """Every pipeline's sinks: the whole configuration's check."""
-    return {pipeline.name: build_sinks(config, pipeline) for pipeline in config.pipelines}
+    built = {pipeline.name: build_sinks(config, pipeline) for pipeline in config.pipelines}
+    _check_destinations([item for items in built.values() for item in items])
+    return built
+
+
+def _check_destinations(items: list[BuiltSink]) -> None:
+    """Two sinks writing one file or one store would interleave and rotate each other's
+    output (the default paths come from the sink's name: two pipelines' `flows`)."""
+    owner: dict[str, str] = {}
+    for item in items:
+        destination = getattr(item.queued.sink, "destination", None)
+        if destination is None:
+            continue
+        if destination in owner:
+            raise ConfigError(item.settings.path, f"writes to {destination}, as "
+                              f"{owner[destination]} does; give one a `path` of its own")
+        owner[destination] = item.settings.path
 
 
 def build_sink(config: Config, pipeline: PipelineSettings, settings: SinkSettings) -> BuiltSink:
@@ -59,7 +79,8 @@ def build_sink(config: Config, pipeline: PipelineSettings, settings: SinkSetting
         spill = _LazySpill(spill_dir, settings.spill_max)
     queued = QueuedSink(sink, settings.queue, settings.when_full,
                         keep=sink_filter(pipeline, settings), spill=spill,
-                        retry=RetryPolicy() if settings.retry else None)
+                        retry=RetryPolicy() if settings.retry else None,
+                        label=settings.name)
     return BuiltSink(settings, queued, spill_dir)
 
 
@@ -94,42 +115,75 @@ def _kinds_filter(kinds: frozenset[EventKind]) -> Callable[[FlowEvent], bool]:
 
 
 class _LazySpill:
-    """The spill queue, opened (directory, lock, leftovers) at the first use, not at build:
-    a configuration check must not create directories or take locks."""
+    """The spill queue, opened when its sink starts (directory, lock, an earlier run's
+    leftovers), not when built: a configuration check must not create or lock anything.
+
+    On a reload, the sink it replaces may still hold the directory while it drains: the new
+    one then runs without a spill until it can take it (a full queue meanwhile drops, and
+    counts), retrying at most every RETRY_OPEN_S.
+    """
+
+    RETRY_OPEN_S = 1.0
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self._queue: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._next_try = 0.0
 
-    def _open(self) -> Any:
-        if self._queue is None:
-            from conntrail.pipeline.spill import SpillQueue
+    def open(self, required: bool = True) -> None:
+        """Open now; `required`: a directory held elsewhere is an error."""
+        with self._lock:
+            self._open_locked(required)
 
+    def _open_locked(self, required: bool) -> Any:
+        if self._queue is not None or self._closed or time.monotonic() < self._next_try:
+            return self._queue
+        from conntrail.pipeline.spill import SpillQueue
+
+        try:
             self._queue = SpillQueue(self.directory, self.max_bytes)
+        except ConntrailError as exc:
+            if required:
+                raise
+            self._next_try = time.monotonic() + self.RETRY_OPEN_S
+            log.warning("spill %s not available yet (%s); retrying", self.directory, exc)
         return self._queue
 
+    def _get_queue(self) -> Any:
+        with self._lock:
+            return self._open_locked(required=False)
+
     def put(self, record: bytes) -> bool:
-        """Append; False when full."""
-        return bool(self._open().put(record))
+        """Append; False when full (or not available)."""
+        queue = self._get_queue()
+        return bool(queue is not None and queue.put(record))
 
     def get(self) -> bytes | None:
-        """The oldest uncommitted record (opening replays an earlier run's leftovers)."""
-        record: bytes | None = self._open().get()
+        """The oldest uncommitted record."""
+        queue = self._get_queue()
+        record: bytes | None = queue.get() if queue is not None else None
         return record
 
     def commit(self) -> None:
         """The last record from get() was written."""
-        self._open().commit()
+        queue = self._get_queue()
+        if queue is not None:
+            queue.commit()
 
     def __len__(self) -> int:
-        return len(self._open())
+        queue = self._queue  # no open here: the exporters' threads call this too
+        return len(queue) if queue is not None else 0
 
     def close(self) -> None:
-        """Flush and release."""
-        if self._queue is not None:
-            self._queue.close()
-            self._queue = None
+        """Flush and release (for good: a closed spill never reopens)."""
+        with self._lock:
+            self._closed = True
+            if self._queue is not None:
+                self._queue.close()
+                self._queue = None
 
 
 def check_sinks(built: dict[str, list[BuiltSink]]) -> list[tuple[str, str, bool]]:

@@ -287,6 +287,12 @@ def _sink(name: str, table: Table) -> SinkSettings:
         retry=table.boolean("retry", True),
         filters=tuple(_filters(table)),
         events=_kinds(table, "events", None))
+    if kind in HISTORY_TYPES and settings.when_full is FullPolicy.SPILL:
+        # Its lifecycle reconciles against the store at start: batches still in a spill
+        # would be replayed after that, and leave flows open forever (PostgreSQL spools
+        # durably on its own while the database is away).
+        raise table.error("when_full", "a history store cannot spill; use block (the "
+                          "default) or drop_oldest")
     if kind in HISTORY_TYPES and (settings.events is not None or settings.filters):
         key = "events" if settings.events is not None else "filter"
         raise table.error(key, "a history store records every flow's whole lifecycle; "

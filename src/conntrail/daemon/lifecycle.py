@@ -41,7 +41,8 @@ class Daemon:
         self.service = Service(config)
         self.notifier = notifier or Notifier()
         self.exporters: list[Any] = []
-        self._signals: queue.Queue[str] = queue.Queue()
+        # SimpleQueue: put() is safe in a signal handler (Queue's lock is not reentrant).
+        self._signals: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

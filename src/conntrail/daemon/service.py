@@ -22,7 +22,7 @@ from typing import Any
 
 from conntrail.daemon.build import BuiltSink, build_sinks
 from conntrail.daemon.config import Config, PipelineSettings
-from conntrail.errors import ConfigError
+from conntrail.errors import ConfigError, ConntrailError
 from conntrail.kernel.netns import NetnsRef, resolve
 from conntrail.model import FlowEvent
 from conntrail.pipeline.queued import QueuedSink
@@ -164,6 +164,8 @@ class Service:
     def _run_pipeline(self, runtime: PipelineRuntime) -> None:
         try:
             runtime.pipeline.run(self.stop_event, started=True)
+            if not self.stop_event.is_set():  # it returns early only when every sink failed
+                raise ConntrailError(f"pipeline {runtime.name}: every sink failed")
         except BaseException as exc:  # the main thread sees it, logs it, and stops us
             runtime.error = exc
             log.exception("pipeline %s stopped on an error", runtime.name)
@@ -175,7 +177,9 @@ class Service:
         """Every runner thread alive and its loop turning (for the systemd watchdog)."""
         now = time.monotonic()
         return all(runtime.thread is not None and runtime.thread.is_alive()
-                   and now - runtime.pipeline.loop_at < STALL_S for runtime in self.runtimes)
+                   and now - runtime.pipeline.loop_at < STALL_S
+                   and all(sink.alive() for sink in runtime.pipeline.sinks)
+                   for runtime in self.runtimes)
 
     def failed(self) -> BaseException | None:
         """The error a runner stopped on, if any."""
@@ -187,6 +191,7 @@ class Service:
             raise ConfigError(new.origin, "namespaces, event kinds, buffers, rules, "
                               "attribution, [daemon] and [metrics] are fixed at start: "
                               "restart the daemon to change them")
+        self._wait_routes_taken()
         plans = [(runtime, settings, *self._plan_route(new, runtime, settings))
                  for runtime, settings in zip(self.runtimes, new.pipelines, strict=True)]
         started: list[QueuedSink] = []
@@ -206,6 +211,16 @@ class Service:
         self.config = new
         self.reloads += 1
 
+    def _wait_routes_taken(self, timeout: float = 5.0) -> None:
+        """A reload waits until the runners took the previous one's sinks: planning against
+        a route not yet in place would orphan its sinks."""
+        deadline = time.monotonic() + timeout
+        while any(r.pipeline.route_pending() for r in self.runtimes):
+            if time.monotonic() >= deadline:
+                raise ConfigError("reload", "the previous reload is not applied yet (a "
+                                  "pipeline is busy); try again")
+            time.sleep(0.05)
+
     @staticmethod
     def _plan_route(new: Config, runtime: PipelineRuntime, settings: PipelineSettings
                     ) -> tuple[list[BuiltSink], list[BuiltSink]]:
@@ -216,11 +231,22 @@ class Service:
         built = {item.settings.name: item for item in build_sinks(new, settings)}
         for sink in settings.sinks:
             same = next((item for item in runtime.sinks if item.settings == sink
-                         and runtime.settings.events == settings.events), None)
+                         and (sink.is_history or runtime.settings.events == settings.events)),
+                        None)
+            if same is None and (sink.is_history or _history_named(runtime, sink.name)):
+                # A second writer on one store while the first drains could reopen flows
+                # the new one closed: history stores change at a restart only.
+                raise ConfigError(sink.path, "history stores cannot change on reload; "
+                                  "restart the daemon")
             if same is None:
                 same = built[sink.name]
                 fresh.append(same)
             sinks.append(same)
+        removed = [item for item in runtime.sinks if item.settings.is_history
+                   and item not in sinks]
+        if removed:
+            raise ConfigError(removed[0].settings.path, "history stores cannot change on "
+                              "reload; restart the daemon")
         return sinks, fresh
 
     def _retire_all_but(self, kept: list[QueuedSink]) -> Callable[[list[QueuedSink]], None]:
@@ -262,6 +288,7 @@ class Service:
             if runtime.thread is not None:
                 runtime.thread.join(1.0)
         for runtime in self.runtimes:
+            self._retire(runtime.pipeline.drop_pending_route())  # a reload's, never taken
             try:
                 runtime.pipeline.shutdown(max(0.1, deadline - time.monotonic()))
             except Exception:  # the others must still be drained and the kernel released
@@ -273,6 +300,11 @@ class Service:
                 runtime.attribution.attributor.stop()
         if self.session is not None:
             self.session.close()
+
+
+def _history_named(runtime: PipelineRuntime, name: str) -> bool:
+    return any(item.settings.name == name and item.settings.is_history
+               for item in runtime.sinks)
 
 
 def _buffer(settings: PipelineSettings) -> Any:

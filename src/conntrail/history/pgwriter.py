@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 
+from conntrail.errors import BatchSpooled
 from conntrail.history.postgres import StoreUnavailableError, describe
 from conntrail.history.rows import HistoryBatch
 from conntrail.history.spool import Spool
@@ -56,6 +57,10 @@ class SpoolingWriter:
         behind the others, since it must not overtake them)."""
         try:
             ready = self.flush()
+        except Exception as exc:
+            self.spool.append(batch)
+            raise BatchSpooled(f"replaying the spool failed ({exc}); this batch is kept "
+                               "in the spool behind it") from exc
         except BaseException:
             self.spool.append(batch)
             raise

@@ -12,6 +12,7 @@ import enum
 import grp
 import os
 import pwd
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,14 +130,32 @@ def _drop_bounding(cap: int) -> None:
                               f"{os.strerror(err)}")
 
 
+# Never handed to the daemon's user (named, not used as temporary directories).
+SHARED_DIRECTORIES = frozenset(map(Path, (
+    "/", "/etc", "/usr", "/var", "/var/lib", "/var/log", "/var/cache", "/tmp",  # noqa: S108
+    "/var/tmp", "/home", "/root", "/run", "/srv", "/opt")))  # noqa: S108
+
+
 def give_tree(path: Path, identity: Identity) -> None:
     """Make `path` (created 0750 if missing) and what is in it the user's, before dropping:
-    files an earlier root run left there must stay writable."""
+    files an earlier root run left there must stay writable.
+
+    Runs as root in a directory the user owned last time: symlinks are never followed (a
+    link to /etc/shadow must not be handed over), and only regular files and directories
+    change owner. A shared system directory is refused outright.
+    """
+    path = Path(os.path.abspath(path))
+    if path in SHARED_DIRECTORIES:
+        raise ConfigError("daemon.state_dir/log_dir", f"{path} is a shared system directory; "
+                          "use one of conntrail's own (e.g. /var/lib/conntrail)")
     path.mkdir(mode=0o750, parents=True, exist_ok=True)
-    for directory, _dirs, files in os.walk(path):
-        os.chown(directory, identity.uid, identity.gid)
+    for directory, _dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
+        os.chown(directory, identity.uid, identity.gid, follow_symlinks=False)
         for name in files:
-            os.chown(os.path.join(directory, name), identity.uid, identity.gid)
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if stat.S_ISREG(mode):
+                os.chown(name, identity.uid, identity.gid, dir_fd=dir_fd,
+                         follow_symlinks=False)
 
 
 def effective_caps(pid: int | str = "self") -> int:

@@ -90,10 +90,12 @@ class QueuedSink:
 
     def __init__(self, sink: Sink, capacity: int = 1024,
                  policy: FullPolicy = FullPolicy.BLOCK, *, keep: Filter | None = None,
-                 spill: SpillStore | None = None, retry: RetryPolicy | None = None) -> None:
+                 spill: SpillStore | None = None, retry: RetryPolicy | None = None,
+                 label: str | None = None) -> None:
         if policy is FullPolicy.SPILL and spill is None:
             raise ValueError("the spill policy needs a spill store")
         self.sink = sink
+        self._label = label  # a stable name for metrics (a sink may rename itself at open)
         self.policy = policy
         self.keep = keep
         self.counters = SinkCounters()
@@ -113,13 +115,22 @@ class QueuedSink:
 
     @property
     def name(self) -> str:
-        """The wrapped sink's name."""
-        return self.sink.name
+        """The configured name, else the wrapped sink's."""
+        return self._label or self.sink.name
 
-    def start(self) -> None:
-        """Open the sink and start its worker."""
+    def start(self, spill_required: bool = True) -> None:
+        """Open the sink (and its spill: a directory another process holds fails here, unless
+        `spill_required` is False, as on a reload while the replaced sink still drains it)
+        and start the worker."""
+        open_spill = getattr(self._spill, "open", None)
+        if open_spill is not None:
+            open_spill(required=spill_required)
         self.sink.open()
         self._thread.start()
+
+    def alive(self) -> bool:
+        """The worker runs (or was never started)."""
+        return self._thread.is_alive() or self._thread.ident is None
 
     def request_reopen(self) -> None:
         """Ask the worker to reopen the destination between writes (SIGHUP)."""
@@ -141,7 +152,12 @@ class QueuedSink:
             self.counters.dropped += len(batch)
             log.exception("sink %s failed to encode a batch", self.sink.name)
             return
-        self._enqueue(item)
+        try:
+            self._enqueue(item)
+        except Exception:  # e.g. the spill's disk: counted, never fatal to the reader
+            self.counters.errors += 1
+            self.counters.dropped += item[0]
+            log.exception("sink %s: a batch could not be queued", self.name)
 
     def _kept(self, batch: Sequence[Record]) -> list[Record]:
         keep = self.keep
@@ -224,6 +240,16 @@ class QueuedSink:
         return len(self._spill) if self._spill is not None else 0
 
     def _drain(self) -> None:
+        while True:
+            try:
+                if self._drain_until_stop():
+                    return
+            except Exception:  # a bad spill record, a failing merge: counted, and go on
+                self.counters.errors += 1
+                log.exception("sink %s: the worker hit an error; it goes on", self.name)
+                self._abandon.wait(1.0)
+
+    def _drain_until_stop(self) -> bool:
         merge = getattr(self.sink, "merge", None)
         while True:
             try:
@@ -233,7 +259,7 @@ class QueuedSink:
                 continue
             if item is _STOP:
                 self._idle()
-                return
+                return True
             count, payload = item
             stop_next = False
             if merge is not None and not self._queue.empty():
@@ -243,7 +269,7 @@ class QueuedSink:
                 self._idle()
             if stop_next:
                 self._idle()
-                return
+                return True
 
     def _idle(self) -> None:
         """Nothing in memory: reopen if asked, then replay what was spilled."""
@@ -256,8 +282,8 @@ class QueuedSink:
                 return
             count = int.from_bytes(record[:4], "little")
             payload = self._from_spool(record[4:]) if self._from_spool else record[4:]
-            if not self._write(count, payload):
-                return  # abandoned: stays on disk for the next run
+            if not self._write(count, payload, on_disk=True) and self._abandon.is_set():
+                return  # abandoned: stays on disk for the next run (not counted as lost)
             # While the spill holds anything, new batches go there too (offer), so nothing
             # newer can overtake it through memory.
             self._spill.commit()
@@ -293,8 +319,9 @@ class QueuedSink:
             payloads.append(item[1])
         return count, merge(payloads), stop_next
 
-    def _write(self, count: int, payload: Any) -> bool:
-        """Write, retrying with backoff when a retry policy is set; False if given up."""
+    def _write(self, count: int, payload: Any, on_disk: bool = False) -> bool:
+        """Write, retrying with backoff when a retry policy is set; False if given up (a
+        spilled batch given up at the drain deadline stays on disk: not counted)."""
         delays = self._retry.delays() if self._retry is not None else None
         while True:
             self._maybe_reopen()
@@ -307,13 +334,15 @@ class QueuedSink:
             except Exception as exc:  # a failing sink must never kill the daemon
                 self.counters.errors += 1
                 if delays is None or self._abandon.is_set():
-                    self.counters.dropped += count
+                    if not (on_disk and self._abandon.is_set()):
+                        self.counters.dropped += count
                     log.exception("sink %s failed to write a batch", self.name)
                     return False
                 self._report_failure(exc)
                 self.counters.retries += 1
                 if self._abandon.wait(next(delays)):
-                    self.counters.dropped += count
+                    if not on_disk:
+                        self.counters.dropped += count
                     return False
                 continue
             self.counters.written += count

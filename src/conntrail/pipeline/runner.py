@@ -109,13 +109,16 @@ class Pipeline:
         try:
             for enrich in self.enrichers:
                 event = enrich(event)
-            for keep in self.filters:
-                if not keep(event):
-                    return None
         except Exception:  # a failing stage is counted, never fatal
             self.counters.stage_errors += 1
-            log.exception("stage failed on an event; event passed on unchanged")
-        return event
+            log.exception("enricher failed on an event; event passed on as it was")
+        try:
+            # The filters still apply to an event an enricher failed on.
+            return event if all(keep(event) for keep in self.filters) else None
+        except Exception:
+            self.counters.stage_errors += 1
+            log.exception("filter failed on an event; event passed on")
+            return event
 
     def _limit(self, records: list[Record], max_events: int | None) -> list[Record]:
         """Cut the batch so no more than `max_events` events are delivered in all."""
@@ -137,6 +140,18 @@ class Pipeline:
         (a configuration reload). The replaced sinks go to `retire`, which drains and closes
         them: events before the swap reach the old sinks, events after it the new ones."""
         self._next_route = (filters, sinks, retire)
+
+    def route_pending(self) -> bool:
+        """A route handed over but not yet taken by the loop."""
+        return self._next_route is not None
+
+    def drop_pending_route(self) -> list[QueuedSink]:
+        """At shutdown: forget a route never taken; its sinks that are not running here
+        (started by the reload) are returned, for the caller to stop."""
+        route, self._next_route = self._next_route, None
+        if route is None:
+            return []
+        return [sink for sink in route[1] if sink not in self.sinks]
 
     def _take_route(self) -> None:
         route, self._next_route = self._next_route, None
@@ -182,8 +197,8 @@ class Pipeline:
     def _final_read(self, max_events: int | None) -> None:
         """On stop, take what the kernel already queued for us (until the sockets are empty,
         FINAL_READ_S at most): events that happened before the stop are kept."""
-        deadline = time.monotonic() + FINAL_READ_S
         for source in self.sources:
+            deadline = time.monotonic() + FINAL_READ_S  # each source its own budget
             while time.monotonic() < deadline:
                 records = source.read()
                 if not records:

@@ -71,6 +71,7 @@ class FileSink:
                  close_timeout: float = 10.0) -> None:
         self.name = name
         self.path = path
+        self.destination = str(path.resolve())  # two sinks on one file are refused
         self.rotation = rotation
         self.fsync = fsync  # None: never; 0: after every write; else at most every N s
         # Idle heartbeats (empty batches) let time-based work happen on a quiet host.

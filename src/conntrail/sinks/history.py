@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from conntrail.config import Table
-from conntrail.errors import ConfigError
+from conntrail.errors import BatchSpooled, ConfigError
 from conntrail.history.rows import HistoryBatch, Lifecycle
 from conntrail.history.store import HistoryStore, open_store
 from conntrail.model import Record
@@ -46,6 +46,8 @@ class HistorySink:
                  writer_factory: Callable[[HistoryStore], BatchWriter] | None = None,
                  check: Callable[[], str] | None = None) -> None:
         self._url = url
+        # Two sinks on one store are refused (config check); an SQLite path resolved.
+        self.destination = (url if url is None or "://" in url else str(Path(url).resolve()))
         self._option = option
         self._store = store
         self._writer: BatchWriter | None = writer
@@ -125,6 +127,9 @@ class HistorySink:
         assert self._writer is not None, "open() first"
         try:
             self._writer.apply(payload)
+        except BatchSpooled as exc:  # durable in the writer's spool: not to be retried
+            log.error("%s: %s", self.name, exc)
+            return
         except Exception:
             if not self._keep_failed:
                 raise

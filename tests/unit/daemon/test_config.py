@@ -114,3 +114,27 @@ def test_restart_only_settings_are_told_apart() -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "nope.toml")
+
+
+def test_history_stores_do_not_spill() -> None:
+    with pytest.raises(ConfigError, match=r"sinks\.h\.when_full: a history store cannot spill"):
+        parse("[pipelines.p]\n[pipelines.p.sinks.h]\ntype = 'sqlite'\nwhen_full = 'spill'\n",
+              "t")
+
+
+def test_two_sinks_on_one_file_are_refused(tmp_path: Path) -> None:
+    text = f"""
+[daemon]
+log_dir = "{tmp_path}"
+[pipelines.a]
+netns = ["a"]
+[pipelines.a.sinks.flows]
+type = "file"
+[pipelines.b]
+netns = ["b"]
+[pipelines.b.sinks.flows]
+type = "file"
+"""
+    with pytest.raises(ConfigError, match=r"pipelines\.b\.sinks\.flows: writes to .*flows\.jsonl"
+                       r", as pipelines\.a\.sinks\.flows does"):
+        build_all(parse(text, "t"))

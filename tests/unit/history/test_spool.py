@@ -12,7 +12,7 @@ from typing import cast
 import psycopg
 import pytest
 
-from conntrail.errors import ConfigError
+from conntrail.errors import BatchSpooled, ConfigError
 from conntrail.history.pgwriter import SpoolingWriter
 from conntrail.history.rows import ClosedBy, CloseOp, Coverage, FlowRow, Gap, HistoryBatch
 from conntrail.history.spool import MAGIC, SUFFIX, Spool, decode, encode
@@ -313,8 +313,9 @@ def test_writer_other_errors_propagate_and_never_reorder(world: FakeWorld,
     writer.apply(_batch(2))
     world.down = False
     world.now = 1.0
-    with pytest.raises(psycopg.DataError):
+    with pytest.raises(BatchSpooled, match="value out of range") as caught:
         writer.apply(_batch(3))  # the replay fails: 3 waits behind 2, in order
+    assert isinstance(caught.value.__cause__, psycopg.DataError)  # kept: not to be retried
     assert writer.pending() == 2
     world.poison = None
     writer.apply(_batch(4))

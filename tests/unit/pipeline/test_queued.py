@@ -209,3 +209,17 @@ def test_reopen_runs_on_the_worker_between_writes() -> None:
     queued.offer(_events(1)[0])
     queued.stop(time.monotonic() + 5)
     assert sink.reopened == 1 and _ids(sink) == [0]
+
+
+def test_a_spilled_batch_that_fails_without_retry_is_dropped_once() -> None:
+    sink = GatedSink(failures=1)
+    sink.open_gate.clear()
+    spill = MemorySpill(max_records=100)
+    queued = QueuedSink(sink, capacity=1, policy=FullPolicy.SPILL, spill=spill)
+    queued.start()
+    for batch in _events(6):
+        queued.offer(batch)
+    sink.open_gate.set()
+    queued.stop(time.monotonic() + 5)
+    assert queued.counters.dropped == 1 and queued.counters.written == 5
+    assert len(spill) == 0  # committed: not replayed (and counted) again

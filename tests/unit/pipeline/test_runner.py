@@ -109,7 +109,7 @@ def test_failing_stage_is_counted_and_event_kept(caplog: pytest.LogCaptureFixtur
     pipeline = Pipeline([ListSource([[ICMP]])], [QueuedSink(sink)], filters=[broken])
     _run(pipeline, 1)
     assert pipeline.counters.stage_errors == 1 and sink.records == [ICMP]
-    assert "stage failed" in caplog.text
+    assert "filter failed" in caplog.text
 
 
 def test_failing_sink_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
