@@ -153,7 +153,12 @@ class Service:
         """Attribution readers, sink workers (opening files), one runner per pipeline."""
         for runtime in self.runtimes:
             if runtime.attribution is not None:
-                runtime.attribution.attributor.start_reader()
+                attributor = runtime.attribution.attributor
+                attributor.start_reader()
+                if attributor.bpf is None and attributor.sockets is not None:
+                    # As in watch: without eBPF a pid is found only while its socket exists,
+                    # so events are handled at once rather than batched for 5 ms.
+                    runtime.pipeline.idle_sleep = 0.0
             for sink in runtime.pipeline.sinks:
                 sink.start()
         for runtime in self.runtimes:
