@@ -70,14 +70,18 @@ def _from_db(values: Sequence[Any]) -> FlowRow:
     return FlowRow(*out)
 
 
+DEFAULT_CACHE = 256 << 20  # bytes of SQLite page cache
+
+
 class SqliteStore:
     """A HistoryStore in one SQLite file."""
 
     def __init__(self, path: str, option: str = "--store", *, create: bool,
                  sync: str = "full", retention_s: float | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, cache_bytes: int = DEFAULT_CACHE) -> None:
         self.url = path
         self.option = option
+        self.cache_bytes = cache_bytes
         self.retention_s = retention_s
         self.max_bytes = max_bytes
         self._next_retention = 0.0
@@ -96,10 +100,12 @@ class SqliteStore:
                                  timeout=30.0)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'NORMAL' if sync == 'normal' else 'FULL'}")
-            # 256 MiB of page cache: the index pages that random keys (addresses, ports) touch
-            # stay cached; checkpoint every 64 MiB of WAL rather than 4 MiB (fewer, larger
-            # checkpoint fsyncs). Measured on 1M flows: see bench/README.md.
-            db.execute("PRAGMA cache_size=-262144")
+            # 256 MiB of page cache by default: the index pages that random keys (addresses,
+            # ports) touch stay cached; checkpoint every 64 MiB of WAL rather than 4 MiB
+            # (fewer, larger checkpoint fsyncs). Measured on 1M flows: see bench/README.md.
+            # The cache is most of a long-running process's memory once the file outgrows
+            # it: the daemon's sink sets it (cache_size), and RSS levels off there.
+            db.execute(f"PRAGMA cache_size=-{max(1, self.cache_bytes // 1024)}")
             db.execute("PRAGMA wal_autocheckpoint=16384")
             if create:
                 self._migrate(db)

@@ -110,7 +110,8 @@ def is_postgres(url: str) -> bool:
 
 
 def open_store(url: str | None, option: str = "--store", *, create: bool,
-               retention_s: float | None = None, max_bytes: int | None = None) -> HistoryStore:
+               retention_s: float | None = None, max_bytes: int | None = None,
+               cache_bytes: int | None = None) -> HistoryStore:
     """Open the store `url` names (an SQLite path or a PostgreSQL DSN).
 
     `create` makes (and migrates) the schema; readers pass False and get a clear error when
@@ -129,8 +130,11 @@ def open_store(url: str | None, option: str = "--store", *, create: bool,
         return PostgresStore(target, option, create=create)
     from conntrail.history.sqlite import SqliteStore
 
+    from conntrail.history.sqlite import DEFAULT_CACHE
+
     return SqliteStore(target.removeprefix("sqlite://"), option, create=create,
-                       retention_s=retention_s, max_bytes=max_bytes)
+                       retention_s=retention_s, max_bytes=max_bytes,
+                       cache_bytes=DEFAULT_CACHE if cache_bytes is None else cache_bytes)
 
 
 def read_errors() -> tuple[type[Exception], ...]:

@@ -166,16 +166,20 @@ class HistorySink:
 
 
 def sqlite_from_config(table: Table, context: SinkContext) -> HistorySink:
-    """`type = "sqlite"`: path (default STATE_DIR/history.sqlite), retention, max_size."""
+    """`type = "sqlite"`: path (default STATE_DIR/history.sqlite), retention, max_size,
+    cache_size (SQLite's page cache: the daemon's memory levels off at about this much above
+    its base once the file outgrows it; default 64M)."""
     path = table.text("path", str(context.state_dir / "history.sqlite"))
     retention = table.duration("retention", None)
     max_bytes = table.size("max_size", None)
+    cache = table.size("cache_size", "64M", maximum=1 << 34)
     table.done()
     where = table.key_path("path")
     return HistorySink(path, context.netns, option=where,
                        store_factory=lambda: open_store(path, where, create=True,
                                                         retention_s=retention,
-                                                        max_bytes=max_bytes),
+                                                        max_bytes=max_bytes,
+                                                        cache_bytes=cache),
                        check=lambda: _check_sqlite(Path(path), where))
 
 
