@@ -11,6 +11,7 @@ fresh 5-tuples from the client namespace through the router, and afterwards:
 
 Run as root:  python3 bench/e2e.py [--rates 10000,50000,100000,max] [--count N]
               [--tools conntrail,conntrack,ulogd] [--destroy-rate 25000] [--priority normal,rt]
+The tool `daemon` (`conntrail run`: attribution, JSON file + SQLite history) runs when asked.
 Traffic stays inside namespaces named ctb-*; everything is torn down on exit or failure.
 """
 
@@ -42,8 +43,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 SRC_DIR = BENCH_DIR.parent / "src"
 ULOGD_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/ulogd", "/usr/lib/*/ulogd", "/usr/lib/ulogd",
                      "/usr/lib64/ulogd")
-TOOLS = ("conntrail", "conntrack", "ulogd", "inventory")
-DEFAULT_TOOLS = ("conntrail", "conntrack", "ulogd")  # `inventory` runs when asked for
+TOOLS = ("conntrail", "conntrack", "ulogd", "inventory", "daemon")
+DEFAULT_TOOLS = ("conntrail", "conntrack", "ulogd")  # `inventory`, `daemon` run when asked for
+CONNTRAIL_TOOLS = ("conntrail", "inventory", "daemon")
+# `ip netns exec` gives the tool a fresh /sys without the host's cgroup mounts; the daemon's
+# eBPF attribution needs a cgroup2 hierarchy, as on a host, so mount one in that private mount
+# namespace (it never propagates to the host's). `exec` keeps the pid the daemon's own.
+CGROUP2_SHIM = ('mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup '
+                '|| echo "bench: no cgroup2 mount: eBPF attribution off" >&2; exec "$@"')
 PRIORITIES: dict[str, list[str]] = {
     "normal": [],
     "nice": ["nice", "-n", "-10"],
@@ -225,9 +232,53 @@ sync=0
     return conf
 
 
+def daemon_config(workdir: Path, destroy: bool, history: bool = True) -> Path:
+    """Write a `conntrail run` config (attribution, JSON file + SQLite) and return its path.
+
+    The daemon runs inside the router namespace, so `netns = [""]` is that namespace.
+    `history=False` leaves the SQLite sink out (a control for daemon_soak.py).
+    """
+    conf = workdir / "conntrail.toml"
+    events = '["new", "destroy"]' if destroy else '["new"]'
+    conf.write_text(f"""[daemon]
+state_dir = "{workdir / 'state'}"
+log_dir = "{workdir / 'log'}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[pipelines.bench]
+netns = [""]
+events = {events}
+
+[pipelines.bench.attribution]
+enabled = true
+ebpf = "auto"
+
+[pipelines.bench.sinks.flows]
+type = "file"
+format = "json"
+path = "{workdir / 'daemon.jsonl'}"
+fsync = "1s"
+""" + ('\n[pipelines.bench.sinks.history]\ntype = "sqlite"\n' if history else ""),
+                    encoding="utf-8")
+    return conf
+
+
+def daemon_command(workdir: Path, destroy: bool, opts: Options,
+                   history: bool = True) -> tuple[list[str], Path]:
+    """`conntrail -v run` behind the cgroup2 shim (-v: start-up facts such as the eBPF tier
+    go to stderr, kept in the results), and its JSON lines file."""
+    conf = daemon_config(workdir, destroy, history)
+    argv = ["sh", "-c", CGROUP2_SHIM, "sh", *opts.conntrail_cmd, "-v", "run", "-c", str(conf)]
+    return argv, workdir / "daemon.jsonl"
+
+
 def tool_command(case: Case, workdir: Path, opts: Options) -> tuple[list[str], Path]:
     """The listener's argv (run inside the router namespace) and the file its events go to."""
     destroy = case.test != "new"
+    if case.tool == "daemon":
+        return daemon_command(workdir, destroy, opts)
     if case.tool == "conntrack":
         mask = "NEW,DESTROY" if destroy else "NEW"
         argv = ["conntrack", "-E", "-e", mask, "-o", "timestamp", "-b", str(opts.bufsize)]
@@ -421,7 +472,8 @@ def output_progress(proc: subprocess.Popen[bytes], out: Path) -> int:
 
 
 def classify_line(tool: str, raw: bytes) -> str:
-    """'new', 'destroy', 'other' or 'unparsed' for one output line of `tool`."""
+    """'new', 'destroy', 'other' or 'unparsed' for one output line of `tool` (the daemon
+    writes the same ECS JSON as conntrail watch)."""
     if tool == "conntrack":
         if b"[NEW]" in raw:
             return "new"
@@ -494,6 +546,32 @@ def wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> None:
     raise RuntimeError(f"listener not subscribed after {timeout:.0f} s")
 
 
+def metrics_port(pid: int) -> int | None:
+    """The TCP port process `pid` listens on (the daemon's /metrics), None if none yet."""
+    mine = socket_inodes(pid)
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in mine:  # 0A: TCP_LISTEN
+                return int(cols[1].rsplit(":", 1)[1], 16)
+    return None
+
+
+def wait_daemon_ready(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Subscribed, then serving /metrics (the daemon starts its exporters last); the port."""
+    deadline = time.monotonic() + timeout
+    wait_ready(proc, timeout)
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            port = metrics_port(proc.pid)
+        except OSError:
+            port = None
+        if port:
+            return port
+        time.sleep(0.1)
+    raise RuntimeError(f"daemon not serving /metrics after {timeout:.0f} s")
+
+
 def compile_loadgen(workdir: Path) -> Path:
     """Build bench/loadgen.c with gcc -O2 into `workdir`."""
     binary = workdir / "loadgen"
@@ -552,12 +630,16 @@ def measure(case: Case, binary: Path, opts: Options) -> RunResult:
         result.notes.update(topo.notes)
         workdir = Path(tmp)
         argv, out = tool_command(case, workdir, opts)
-        stdout_path = workdir / "stdout" if case.tool in ("ulogd", "inventory") else out
+        stdout_path = workdir / "stdout" if case.tool in ("ulogd", "inventory", "daemon") \
+            else out
         err = workdir / "stderr"
         result.notes["command"] = shlex.join(argv)
         with listener(wrap(argv, case.priority, opts.listener_cpu), stdout_path, err) as proc:
             try:
-                wait_ready(proc, opts.ready_timeout)
+                if case.tool == "daemon":
+                    wait_daemon_ready(proc, opts.ready_timeout)
+                else:
+                    wait_ready(proc, opts.ready_timeout)
             except RuntimeError as exc:
                 raise RuntimeError(f"{exc}: {' | '.join(stderr_tail(err, 2))}") from exc
             time.sleep(opts.settle)  # let the tool finish starting before CPU is sampled
@@ -841,9 +923,9 @@ def main(argv: list[str]) -> int:
     opts = parse_args(argv)
     validate(opts)
     signal.signal(signal.SIGTERM, on_sigterm)
-    if {"conntrail", "inventory"} & set(opts.tools) and not conntrail_available(opts):
+    if set(CONNTRAIL_TOOLS) & set(opts.tools) and not conntrail_available(opts):
         print("conntrail CLI not available: skipping it", file=sys.stderr)
-        opts.tools = [tool for tool in opts.tools if tool not in ("conntrail", "inventory")]
+        opts.tools = [tool for tool in opts.tools if tool not in CONNTRAIL_TOOLS]
     meta = metadata(opts)
     results: list[RunResult] = []
     needed = max(opts.count, opts.destroy_count) + 10_000

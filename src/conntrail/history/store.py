@@ -128,9 +128,7 @@ def open_store(url: str | None, option: str = "--store", *, create: bool,
             raise ConfigError(option, f"PostgreSQL support is not installed ({exc}); install "
                               "it with: pip install 'conntrail[postgres]'") from exc
         return PostgresStore(target, option, create=create)
-    from conntrail.history.sqlite import SqliteStore
-
-    from conntrail.history.sqlite import DEFAULT_CACHE
+    from conntrail.history.sqlite import DEFAULT_CACHE, SqliteStore
 
     return SqliteStore(target.removeprefix("sqlite://"), option, create=create,
                        retention_s=retention_s, max_bytes=max_bytes,
