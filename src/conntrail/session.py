@@ -33,23 +33,28 @@ class KernelSession:
     options: SessionOptions = field(default_factory=SessionOptions)
     installed: list[NetnsRef] = field(default_factory=list)
     labelled: list[NetnsRef] = field(default_factory=list)
+    kept: list[NetnsRef] = field(default_factory=list)  # prepared with keep_rule: left as is
 
-    def prepare(self, netns: NetnsRef) -> None:
-        """Make `netns` produce the events we need."""
+    def prepare(self, netns: NetnsRef, options: SessionOptions | None = None) -> None:
+        """Make `netns` produce the events we need (`options`: this namespace's own, e.g.
+        its pipeline's in the daemon; default: the session's)."""
+        options = options or self.options
+        if options.keep_rule:
+            self.kept.append(netns)
         if sysctl.read(sysctl.EVENTS, netns) == "0":
             sysctl.ensure(sysctl.EVENTS, "1", netns)
-        if self.options.accounting:
+        if options.accounting:
             sysctl.ensure(sysctl.ACCT, "1", netns)
             sysctl.ensure(sysctl.TIMESTAMP, "1", netns)
-        if self.options.install_rule and not nft.conntrack_in_use(netns):
+        if options.install_rule and not nft.conntrack_in_use(netns):
             nft.install_table(netns)
             self.installed.append(netns)
         # After the activation check: our label rules use conntrack too, and would make a
         # namespace look tracked that is only tracked while we run.
-        if self.options.install_rule and self.options.attribution:
-            self._label(netns)
+        if options.install_rule and options.attribution:
+            self._label(netns, options.cgroup_levels)
 
-    def _label(self, netns: NetnsRef) -> None:
+    def _label(self, netns: NetnsRef, cgroup_levels: int) -> None:
         where = netns.name or "current"
         if nft.uses_ct_labels(netns, nftables.TABLE):
             # Labels are only ever OR-ed in: ours would corrupt theirs and theirs ours (and
@@ -57,7 +62,7 @@ class KernelSession:
             log.warning("attribution in netns %s: other rules use conntrack labels; uid and "
                         "gid come from NFLOG instead", where)
             return
-        support = attrlabels.install(netns, self.options.cgroup_levels)
+        support = attrlabels.install(netns, cgroup_levels)
         if support.labels:
             self.labelled.append(netns)
         if support.reason:
@@ -68,9 +73,9 @@ class KernelSession:
 
     def close(self) -> None:
         """Remove the tables we installed, unless asked to keep them."""
-        if self.options.keep_rule:
-            return
         for netns in self.labelled:
+            if netns in self.kept:
+                continue
             try:
                 attrlabels.remove(netns)
             except Exception as exc:  # noqa: BLE001 - clean-up goes on for the others
@@ -78,6 +83,8 @@ class KernelSession:
                           netns.name or "current", exc)
         self.labelled.clear()
         for netns in self.installed:
+            if netns in self.kept:
+                continue
             try:
                 nft.remove_table(netns)
             except Exception as exc:  # noqa: BLE001 - clean-up goes on for the others

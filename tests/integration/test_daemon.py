@@ -335,3 +335,27 @@ def test_runs_as_the_units_user_with_only_ambient_capabilities(host: Netns, dirs
     assert host.tables().strip() == ""
     with sqlite3.connect(dirs / "state/history.sqlite") as db:
         assert recorded(db, 9009) == flows
+
+
+def test_keep_rules_is_per_pipeline(netns_factory: NetnsFactory, dirs: Path) -> None:
+    kept, removed = netns_factory.new("kept"), netns_factory.new("removed")
+    config = write_config(dirs, removed.name, """
+[pipelines.p.sinks.out]
+type = "file"
+""")
+    config.write_text(config.read_text() + f"""
+[pipelines.q]
+netns = ["{kept.name}"]
+keep_rules = true
+[pipelines.q.attribution]
+enabled = false
+[pipelines.q.sinks.out]
+type = "file"
+path = "{dirs}/log/q.jsonl"
+""")
+    with running_daemon(config) as daemon:
+        assert "table inet conntrail" in kept.tables()
+        assert "table inet conntrail" in removed.tables()
+        assert daemon.stop() == 0
+    assert "table inet conntrail" in kept.tables()  # left in place, as asked
+    assert removed.tables().strip() == ""

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from conntrail.daemon.build import BuiltSink, build_sinks
@@ -93,11 +92,7 @@ class Service:
 
     def open_kernel(self) -> None:
         """Prepare namespaces, open sources and attribution; start no thread."""
-        first = self.config.pipelines[0]
-        self.session = KernelSession(SessionOptions(
-            accounting=first.accounting, install_rule=first.install_rules,
-            keep_rule=first.keep_rules, attribution=first.attribution.enabled,
-            cgroup_levels=first.attribution.cgroup_levels))
+        self.session = KernelSession()
         for settings in self.config.pipelines:
             self.runtimes.append(self._open_pipeline(settings))
 
@@ -124,13 +119,12 @@ class Service:
 
     def _prepare(self, settings: PipelineSettings, netns: NetnsRef, attributor: Any) -> None:
         assert self.session is not None
-        # Per-pipeline options on the shared session: each namespace is in one pipeline.
-        self.session.options = SessionOptions(
+        # Each namespace is in one pipeline: its options are that pipeline's.
+        self.session.prepare(netns, SessionOptions(
             accounting=settings.accounting, install_rule=settings.install_rules,
             keep_rule=settings.keep_rules, attribution=settings.attribution.enabled
             and settings.attribution.identity_from == "labels",
-            cgroup_levels=settings.attribution.cgroup_levels)
-        self.session.prepare(netns)
+            cgroup_levels=settings.attribution.cgroup_levels))
         if attributor is not None:
             attributor.add_namespace(netns, labelled=netns in self.session.labelled,
                                      rules=settings.install_rules)
@@ -316,8 +310,3 @@ def _buffer(settings: PipelineSettings) -> Any:
     from conntrail.kernel.socket import BufferPolicy
 
     return BufferPolicy(settings.buffer, settings.buffer_max)
-
-
-def state_path(config: Config, name: str) -> Path:
-    """A file under the state directory."""
-    return config.daemon.state_dir / name
