@@ -11,7 +11,6 @@ Signals only queue a word here; the main thread acts on it between watchdog tick
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 from pathlib import Path
@@ -139,8 +138,10 @@ class Daemon:
     def _write_status(self) -> None:
         document = observe.status(self.service)
         path = self.service.config.daemon.state_dir / "status.json"
+        from conntrail.inventory.persist import write_atomically
+
         try:
-            _write_atomically(path, orjson.dumps(document, option=orjson.OPT_INDENT_2))
+            write_atomically(path, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
         except OSError as exc:
             log.error("status: cannot write %s: %s", path, exc)
         events = sum(p["events"] for p in document["pipelines"].values())
@@ -187,11 +188,3 @@ def _drop(config: Config, identity: Any) -> None:
     drop_to(identity, caps)
     log.info("running as %s (uid %d) with %s", identity.user, identity.uid,
              ", ".join(f"CAP_{cap.name}" for cap in sorted(caps)))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data + b"\n")
-    os.replace(temporary, path)

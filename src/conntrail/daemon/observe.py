@@ -6,6 +6,7 @@ its owner thread increments, so a scrape sees a recent value, never a torn one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -98,12 +99,7 @@ def _pipeline_status(runtime: PipelineRuntime) -> dict[str, Any]:
         "events": counters.events, "filtered": counters.filtered,
         "stage_errors": counters.stage_errors,
         "sources": {source.name: source.stats() for source in runtime.sources},
-        "sinks": {sink.name: {"written": sink.counters.written,
-                              "dropped": sink.counters.dropped,
-                              "errors": sink.counters.errors,
-                              "retries": sink.counters.retries,
-                              "spilled": sink.counters.spilled,
-                              "filtered": sink.counters.filtered,
+        "sinks": {sink.name: {**dataclasses.asdict(sink.counters),
                               "queue_depth": sink.depth(),
                               "spill_pending": sink.spilled_pending(),
                               "failing": sink.failing.is_set()}

@@ -95,12 +95,14 @@ def default_store() -> str:
     return os.environ.get(STORE_ENV) or str(DEFAULT_PATH)
 
 
-def spool_dir(url: str) -> Path:
-    """The spool of one database: $CONNTRAIL_SPOOL (else /var/lib/conntrail/spool), then a
-    directory per DSN, so two databases never share (or replay into each other's) spool."""
+def spool_dir(url: str, base: Path | None = None) -> Path:
+    """The spool of one database: under `base` (else $CONNTRAIL_SPOOL, else
+    /var/lib/conntrail/spool) a directory per DSN, so two databases never share (or replay
+    into each other's) spool."""
     import hashlib
 
-    base = Path(os.environ.get(SPOOL_ENV) or DEFAULT_PATH.parent / "spool")
+    if base is None:
+        base = Path(os.environ.get(SPOOL_ENV) or DEFAULT_PATH.parent / "spool")
     return base / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 

@@ -7,19 +7,19 @@ in event order; the store write runs on the sink's worker thread, one transactio
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from conntrail.config import Table
 from conntrail.errors import BatchSpooled, ConfigError
+from conntrail.history import spool
 from conntrail.history.rows import HistoryBatch, Lifecycle
-from conntrail.history.store import HistoryStore, open_store
+from conntrail.history.store import HistoryStore, open_store, spool_dir
 from conntrail.model import Record
 from conntrail.pipeline.stages import SinkContext
 
@@ -142,13 +142,11 @@ class HistorySink:
 
     def to_spool(self, payload: HistoryBatch) -> bytes:
         """A batch as the `spill` policy keeps it on disk (the history spool's encoding)."""
-        data: bytes = _spool_codec().encode(payload)
-        return data
+        return spool.encode(payload)
 
     def from_spool(self, data: bytes) -> HistoryBatch:
         """The inverse of `to_spool`."""
-        batch: HistoryBatch = _spool_codec().decode(data)
-        return batch
+        return spool.decode(data)
 
     def close(self) -> None:
         """Record how far coverage went, then close the store (open flows stay open)."""
@@ -207,21 +205,15 @@ def postgresql_from_config(table: Table, context: SinkContext) -> HistorySink:
     where = table.key_path("dsn")
     if not is_postgres(dsn):
         raise table.error("dsn", "must be a postgresql:// URL")
-    spool = context.state_dir / "spool" / hashlib.sha256(dsn.encode()).hexdigest()[:16]
+    spool_path = spool_dir(dsn, context.state_dir / "spool")
 
     def spooling_writer(first: HistoryStore) -> BatchWriter:
         from conntrail.history.pgwriter import SpoolingWriter
 
         opened = [first]  # the store open() connected (it proved the database reachable)
         return SpoolingWriter(lambda: opened.pop() if opened else
-                              open_store(dsn, where, create=True), spool)
+                              open_store(dsn, where, create=True), spool_path)
 
     return HistorySink(dsn, context.netns, option=where,
                        store_factory=lambda: open_store(dsn, where, create=True),
                        writer_factory=spooling_writer)
-
-
-def _spool_codec() -> Any:
-    from conntrail.history import spool
-
-    return spool
