@@ -77,15 +77,16 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _prctl(option: int, value: int) -> None:
-    if _libc().prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise KernelError(f"prctl({option}, {value}): {os.strerror(err)}")
-
-
-def _prctl4(option: int, arg2: int, arg3: int) -> None:
+def _prctl(option: int, arg2: int, arg3: int = 0) -> int:
+    """prctl(2); the errno when it fails, else 0."""
     if _libc().prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0) != 0:
-        err = ctypes.get_errno()
+        return ctypes.get_errno()
+    return 0
+
+
+def _prctl_or_raise(option: int, arg2: int, arg3: int = 0) -> None:
+    err = _prctl(option, arg2, arg3)
+    if err:
         raise KernelError(f"prctl({option}, {arg2}, {arg3}): {os.strerror(err)}")
 
 
@@ -110,24 +111,23 @@ def drop_to(identity: Identity, keep: frozenset[Cap]) -> None:
     for cap in range(_CAP_LAST + 1):
         if cap not in keep:
             _drop_bounding(cap)
-    _prctl(_PR_SET_KEEPCAPS, 1)
+    _prctl_or_raise(_PR_SET_KEEPCAPS, 1)
     os.initgroups(identity.user, identity.gid)
     os.setgid(identity.gid)
     os.setuid(identity.uid)  # permitted survive thanks to KEEPCAPS; effective are cleared
     _capset(keep)
     for cap in keep:
         # Ambient: the helpers we run (nft, to remove our tables at exit) keep them too.
-        _prctl4(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap)
-    _prctl(_PR_SET_KEEPCAPS, 0)
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary can give anything back
+        _prctl_or_raise(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap)
+    _prctl_or_raise(_PR_SET_KEEPCAPS, 0)
+    _prctl_or_raise(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary can give anything back
 
 
 def _drop_bounding(cap: int) -> None:
-    if _libc().prctl(_PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        if err != 22:  # EINVAL: this kernel has no such capability
-            raise KernelError(f"dropping capability {cap} from the bounding set: "
-                              f"{os.strerror(err)}")
+    err = _prctl(_PR_CAPBSET_DROP, cap)
+    if err and err != 22:  # EINVAL: this kernel has no such capability
+        raise KernelError(f"dropping capability {cap} from the bounding set: "
+                          f"{os.strerror(err)}")
 
 
 # Never handed to the daemon's user (named, not used as temporary directories).
