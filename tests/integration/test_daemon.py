@@ -96,6 +96,12 @@ def new_udp_ports(records: list[dict[str, Any]], port: int) -> set[int]:
     return found
 
 
+def wait_flows(path: Path, port: int, flows: int, what: str, timeout: float = 10.0) -> None:
+    """Until `path` holds a NEW event for each of `flows` UDP flows to `port`."""
+    wait_until(lambda: path.exists() and len(new_udp_ports(json_lines(path), port)) == flows,
+               timeout=timeout, what=what)
+
+
 def recorded(db: sqlite3.Connection, port: int) -> int:
     """Flows to `port` in the history, open or closed."""
     return sum(db.execute(f"select count(*) from {table} where orig_dport = ?",
@@ -147,23 +153,20 @@ def test_reload_applies_valid_and_rejects_invalid(host: Netns, dirs: Path) -> No
     config = write_config(dirs, host.name, OUTPUTS)
     with running_daemon(config) as daemon:
         flows_9002 = udp_burst(host, 5, 9002)
-        wait_until(lambda: len(new_udp_ports(json_lines(dirs / "log/flows.jsonl"), 9002))
-                   == flows_9002, what="flows before the reload")
+        wait_flows(dirs / "log/flows.jsonl", 9002, flows_9002, "flows before the reload")
         config.write_text(config.read_text() + '\n[pipelines.p.sinks.extra]\ntype = "file"\n')
         daemon.signal(signal.SIGHUP)
         daemon.wait_for("configuration reloaded")
         flows_9003 = udp_burst(host, 5, 9003)
-        wait_until(lambda: (dirs / "log/extra.jsonl").exists() and len(new_udp_ports(
-            json_lines(dirs / "log/extra.jsonl"), 9003)) == flows_9003,
-            what="the new sink's flows")
+        wait_flows(dirs / "log/extra.jsonl", 9003, flows_9003, "the new sink's flows")
         config.write_text(config.read_text() + "\n[pipelines.p.sinks.bad]\ntype = 'file'\n"
                           "rotate_szie = '1M'\n")
         daemon.signal(signal.SIGHUP)
         daemon.wait_for("reload rejected")
         assert "pipelines.p.sinks.bad.rotate_szie" in daemon.log
         flows_9004 = udp_burst(host, 5, 9004)
-        wait_until(lambda: len(new_udp_ports(json_lines(dirs / "log/extra.jsonl"), 9004))
-                   == flows_9004, what="flows after the rejected reload")
+        wait_flows(dirs / "log/extra.jsonl", 9004, flows_9004,
+                   "flows after the rejected reload")
         metrics = daemon.scrape()
         assert "conntrail_reloads_total 1" in metrics
         assert "conntrail_reload_failures_total 1" in metrics
@@ -177,8 +180,7 @@ def test_sigusr1_writes_status_and_metrics_count(host: Netns, dirs: Path) -> Non
     config = write_config(dirs, host.name, OUTPUTS)
     with running_daemon(config) as daemon:
         flows = udp_burst(host, 10, 9005)
-        wait_until(lambda: len(new_udp_ports(json_lines(dirs / "log/flows.jsonl"), 9005))
-                   == flows, what="the flows")
+        wait_flows(dirs / "log/flows.jsonl", 9005, flows, "the flows")
         daemon.signal(signal.SIGUSR1)
         wait_until((dirs / "state/status.json").exists, what="status.json")
         status = json.loads((dirs / "state/status.json").read_text())
@@ -255,9 +257,8 @@ type = "sqlite"
             wait_until(lambda: recorded(db, 9007) == flows, what="history complete")
         filler.unlink()
         if policy == "spill":  # nothing lost: replayed in order once the disk has room
-            wait_until(lambda: len(new_udp_ports(json_lines(tiny_disk / "flows.jsonl"),
-                                                 9007)) == flows, timeout=60,
-                       what="every spilled flow written")
+            wait_flows(tiny_disk / "flows.jsonl", 9007, flows, "every spilled flow written",
+                       timeout=60)
         assert daemon.stop() == 0
     if policy == "drop_oldest":
         kept = new_udp_ports(json_lines(tiny_disk / "flows.jsonl"), 9007)
@@ -306,8 +307,7 @@ def test_privileges_are_dropped(host: Netns, dirs: Path) -> None:
             assert int(_status_field(int(task), "CapEff"), 16) == mask
         flows = udp_burst(host, 10, 9008)
         host.run("conntrack", "-F")
-        wait_until(lambda: len(new_udp_ports(json_lines(dirs / "log/flows.jsonl"), 9008))
-                   == flows, what="flows recorded after the drop")
+        wait_flows(dirs / "log/flows.jsonl", 9008, flows, "flows recorded after the drop")
         assert daemon.stop() == 0
     assert (dirs / "log/flows.jsonl").stat().st_uid == 65534
     assert host.tables().strip() == ""  # removed with the kept capabilities
@@ -329,8 +329,7 @@ def test_runs_as_the_units_user_with_only_ambient_capabilities(host: Netns, dirs
         assert _status_field(daemon.proc.pid, "Uid").split() == ["65534"] * 4
         flows = udp_burst(host, 10, 9009)
         host.run("conntrack", "-F")
-        wait_until(lambda: len(new_udp_ports(json_lines(dirs / "log/flows.jsonl"), 9009))
-                   == flows, what="flows recorded without root")
+        wait_flows(dirs / "log/flows.jsonl", 9009, flows, "flows recorded without root")
         assert daemon.stop() == 0
     assert host.tables().strip() == ""
     with sqlite3.connect(dirs / "state/history.sqlite") as db:
